@@ -1,0 +1,1 @@
+"""Tasks: a prompt source plus a reward function, registered by name."""

@@ -1,0 +1,1 @@
+"""The broker daemon: membership, version book, weight-group epochs, acknowledged rollout buffer."""

@@ -1,0 +1,1 @@
+"""Shared ground of every daemon: wire messages, config, logging, transport, the tiny model."""

@@ -1,0 +1,101 @@
+"""Actor configuration: the vLLM engine settings that affect numerics, sampling, rollout flow."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tether.common.config.base import Section
+
+LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs", "processed_logits", "raw_logits")
+GENERATION_CONFIG_SOURCES = ("vllm", "auto")
+
+
+@dataclass
+class EngineConfig(Section):
+    """Every vLLM engine setting that changes numerics or scheduling, pinned explicitly.
+
+    The defaults are tether's parity settings (DESIGN.md, "the four corrections"); changing
+    one of the parity keys fails at start-up unless `allow_parity_break` is set.
+    """
+
+    SECTION = "actor.engine"
+
+    logprobs_mode: str = "processed_logprobs"
+    """Parity key. processed_logprobs: logprob of the distribution actually sampled from."""
+    enable_prefix_caching: bool = False
+    """Parity key. A cache hit would reuse KV written by older weights after an update."""
+    async_scheduling: bool = False
+    """Parity key. Forced off by vLLM on CPU anyway; the engine report shows the effective value."""
+    generation_config: str = "vllm"
+    """Parity key. vllm: ignore a model's generation_config.json sampling defaults."""
+    seed: int = 0
+    """Engine seed (sampling is also seeded per request from it)."""
+    enforce_eager: bool = True
+    """Skip graph capture/compilation: faster start-up, same numerics."""
+    enable_chunked_prefill: bool = True
+    max_num_seqs: int = 256
+    """Upper bound of sequences scheduled together."""
+    max_num_batched_tokens: int = 4096
+    """Upper bound of tokens per scheduler step."""
+    max_model_len: int = 512
+    gpu_memory_utilization: float = 0.5
+    """Fraction of GPU memory vLLM may take (ignored on CPU)."""
+    kv_cache_space_gib: float = 1.0
+    """KV cache size on CPU (sets VLLM_CPU_KVCACHE_SPACE)."""
+    tensor_parallel_size: int = 1
+    allow_parity_break: bool = False
+    """Start even if a parity key is changed (for diagnosis, e.g. `tether parity`)."""
+
+    def __post_init__(self) -> None:
+        self.require_choice("logprobs_mode", LOGPROBS_MODES)
+        self.require_choice("generation_config", GENERATION_CONFIG_SOURCES)
+        for key in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "tensor_parallel_size"):
+            self.require(getattr(self, key) >= 1, key, "must be >= 1")
+        self.require(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization", "must be in (0, 1]")
+        self.require(self.kv_cache_space_gib > 0, "kv_cache_space_gib", "must be > 0")
+
+
+@dataclass
+class SamplingConfig(Section):
+    """Sampling for rollouts. The learner applies the same temperature, top-k and top-p."""
+
+    SECTION = "actor.sampling"
+
+    temperature: float = 1.0
+    top_k: int = 0
+    """0 disables top-k."""
+    top_p: float = 1.0
+    max_tokens: int = 16
+    group_size: int = 8
+    """Completions per prompt (n); advantages are normalised within a group."""
+
+    def __post_init__(self) -> None:
+        self.require(self.temperature > 0, "temperature", "must be > 0")
+        self.require(self.top_k >= 0, "top_k", "must be >= 0 (0 disables)")
+        self.require(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
+        self.require(self.max_tokens >= 1, "max_tokens", "must be >= 1")
+        self.require(self.group_size >= 1, "group_size", "must be >= 1")
+
+
+@dataclass
+class ActorConfig(Section):
+    SECTION = "actor"
+
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    actor_id: str = ""
+    """Unique id; empty: actor-<host>-<pid>."""
+    max_groups_in_flight: int = 16
+    """Prompt groups generating at once; bounds memory and creates backpressure."""
+    max_unacked_rollouts: int = 512
+    """Generation pauses while this many rollouts wait for the broker's ack."""
+    resend_interval_s: float = 2.0
+    """Unacked rollouts are sent again after this long."""
+    num_threads: int = 1
+    """torch/OMP threads of the actor process (vLLM's workers are pinned separately)."""
+
+    def __post_init__(self) -> None:
+        self.require(self.max_groups_in_flight >= 1, "max_groups_in_flight", "must be >= 1")
+        self.require(self.max_unacked_rollouts >= 1, "max_unacked_rollouts", "must be >= 1")
+        self.require(self.resend_interval_s > 0, "resend_interval_s", "must be > 0")
+        self.require(self.num_threads >= 1, "num_threads", "must be >= 1")

@@ -1,0 +1,59 @@
+"""Learner configuration: algorithm, optimisation, batches, publishing and checkpoints."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tether.common.config.base import Section
+
+
+@dataclass
+class LearnerConfig(Section):
+    SECTION = "learner"
+
+    algorithm: str = "grpo"
+    """Registered loss (see tether.learner.algorithms): grpo, gspo, ppo, rloo, reinforce."""
+    steps: int = 100
+    """Optimizer steps to take; the weight version equals the step count."""
+    rollouts_per_step: int = 64
+    """Rollouts in one optimizer step, over all ranks (a multiple of the group size)."""
+    micro_batch_size: int = 16
+    """Rollouts per forward/backward on one rank."""
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    max_lag: int = 4
+    """Rollouts with a token older than learner_version - max_lag are dropped and counted."""
+    clip_low: float = 0.2
+    """Ratio clip below 1 (PPO epsilon)."""
+    clip_high: float = 0.28
+    """Ratio clip above 1 (clip-higher); equal to clip_low for symmetric PPO."""
+    loss_aggregation: str = "token"
+    """token: mean over all tokens of the batch; sequence: mean of per-sequence means."""
+    kl_coef: float = 0.0
+    """Weight of the KL penalty to the reference (initial) policy; 0 disables it."""
+    tis_cap: float = 2.0
+    """Truncated importance sampling cap on pi_old/pi_behaviour; 0 disables the correction."""
+    publish_interval: int = 1
+    """Broadcast weights every this many steps."""
+    bucket_mb: int = 64
+    """Bucket size when gathering and broadcasting full tensors."""
+    checkpoint_interval: int = 0
+    """Save a checkpoint every this many steps; 0: only at the end."""
+    resume: bool = True
+    """Continue from the newest checkpoint in the run directory if there is one."""
+    activation_checkpointing: bool = False
+    num_threads: int = 1
+    """torch threads per learner rank on CPU."""
+
+    def __post_init__(self) -> None:
+        for key in ("steps", "rollouts_per_step", "micro_batch_size", "publish_interval", "bucket_mb", "num_threads"):
+            self.require(getattr(self, key) >= 1, key, "must be >= 1")
+        self.require(self.lr > 0, "lr", "must be > 0")
+        self.require(self.max_lag >= 0, "max_lag", "must be >= 0")
+        self.require(0 <= self.clip_low < 1, "clip_low", "must be in [0, 1)")
+        self.require(self.clip_high >= 0, "clip_high", "must be >= 0")
+        self.require_choice("loss_aggregation", ("token", "sequence"))
+        self.require(self.kl_coef >= 0, "kl_coef", "must be >= 0")
+        self.require(self.tis_cap >= 0, "tis_cap", "must be >= 0")
+        self.require(self.checkpoint_interval >= 0, "checkpoint_interval", "must be >= 0")

@@ -1,0 +1,99 @@
+"""The one envelope every ZeroMQ message travels in, and its typed codec.
+
+Wire format (msgpack map, unknown fields refused):
+
+    {"kind": str, "schema": int, "sender": str, "msg_id": str, "body": <record map>}
+
+`kind` selects the body's record type from `tether.common.messages.BODY_TYPES`; `schema` must
+equal `SCHEMA_VERSION`. Decoding happens in two typed steps (envelope, then body by kind) so an
+unknown kind or a wrong schema is reported as such, never as a confusing body error.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+import msgspec
+
+from tether.common.errors import WireDecodeError
+from tether.common.messages import BODY_TYPES, SCHEMA_VERSION, Record
+
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+class Envelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    kind: str
+    schema: int
+    sender: str
+    msg_id: str
+    body: msgspec.Raw
+
+
+@dataclass(frozen=True)
+class Message:
+    """A decoded envelope with its typed body."""
+
+    kind: str
+    sender: str
+    msg_id: str
+    body: Record
+
+
+_ENCODER = msgspec.msgpack.Encoder()
+_ENVELOPE_DECODER = msgspec.msgpack.Decoder(Envelope)
+_BODY_DECODERS = {kind: msgspec.msgpack.Decoder(cls) for kind, cls in BODY_TYPES.items()}
+
+
+def new_msg_id() -> str:
+    return uuid.uuid4().hex
+
+
+def encode(body: Record, *, sender: str, msg_id: str | None = None) -> bytes:
+    """Encode `body` in an envelope from `sender`."""
+    kind = type(body).KIND
+    if kind not in BODY_TYPES or BODY_TYPES[kind] is not type(body):
+        raise TypeError(f"{type(body).__name__} is not a wire record")
+    envelope = Envelope(
+        kind=kind,
+        schema=SCHEMA_VERSION,
+        sender=sender,
+        msg_id=msg_id or new_msg_id(),
+        body=msgspec.Raw(_ENCODER.encode(body)),
+    )
+    return _ENCODER.encode(envelope)
+
+
+def decode_envelope(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Envelope:
+    """Decode and check the envelope only, leaving the body raw (for routing or rejection)."""
+    if len(data) > max_bytes:
+        raise WireDecodeError(f"message of {len(data)} bytes exceeds the limit of {max_bytes}")
+    try:
+        envelope = _ENVELOPE_DECODER.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise WireDecodeError(f"malformed envelope: {exc}") from None
+    if envelope.schema != SCHEMA_VERSION:
+        raise WireDecodeError(
+            f"$.schema: schema version {envelope.schema} from {envelope.sender!r}, expected {SCHEMA_VERSION}"
+        )
+    if envelope.kind not in _BODY_DECODERS:
+        raise WireDecodeError(f"$.kind: unknown message kind {envelope.kind!r}")
+    return envelope
+
+
+def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
+    """Decode and validate one message. Raises only `WireDecodeError`, whatever the bytes."""
+    envelope = decode_envelope(data, max_bytes=max_bytes)
+    try:
+        body = _BODY_DECODERS[envelope.kind].decode(envelope.body)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise WireDecodeError(f"{envelope.kind} body: {_with_root(str(exc))}") from None
+    except (ValueError, TypeError, OverflowError, MemoryError) as exc:
+        # Raised by numpy inside a __post_init__ check on absurd input; still the peer's fault.
+        raise WireDecodeError(f"{envelope.kind} body: {exc}") from None
+    return Message(kind=envelope.kind, sender=envelope.sender, msg_id=envelope.msg_id, body=body)
+
+
+def _with_root(message: str) -> str:
+    # msgspec paths are relative to the body; make them read as `$.body.field`.
+    return message.replace("at `$", "at `$.body")

@@ -1,0 +1,1 @@
+"""Loss functions, registered by name; the learner is blind to which one runs."""
