@@ -1,0 +1,81 @@
+"""Map tether's EngineConfig to vLLM engine arguments, and refuse settings that break parity.
+
+One function builds the keyword arguments for every engine tether starts (actor daemon, eval,
+parity doctor), so the pinned settings cannot drift between them.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from tether.common.config import EngineConfig, ModelConfig
+from tether.common.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ParityRule:
+    key: str
+    required: object
+    why: str
+
+
+PARITY_RULES = (
+    ParityRule("logprobs_mode", "processed_logprobs",
+               "other modes report logprobs of a distribution other than the one sampled from (raw ignores temperature, top-k and top-p)"),
+    ParityRule("enable_prefix_caching", False,
+               "a cache hit after a weight update reuses KV computed by older weights"),
+    ParityRule("async_scheduling", False,
+               "overlapping scheduling with an in-flight pause makes the version boundary of tokens ambiguous"),
+    ParityRule("generation_config", "vllm",
+               "'auto' lets the model's generation_config.json silently change sampling defaults"),
+)
+
+
+def parity_violations(engine: EngineConfig) -> list[str]:
+    """One message per parity key that differs from tether's required value."""
+    return [
+        f"actor.engine.{rule.key}={getattr(engine, rule.key)!r} breaks parity (required {rule.required!r}): {rule.why}"
+        for rule in PARITY_RULES
+        if getattr(engine, rule.key) != rule.required
+    ]
+
+
+def check_parity(engine: EngineConfig) -> list[str]:
+    """Raise ConfigError on a parity-breaking setting unless allow_parity_break; return the violations."""
+    violations = parity_violations(engine)
+    if violations and not engine.allow_parity_break:
+        raise ConfigError(
+            "refusing to start: " + "; ".join(violations) + " (set actor.engine.allow_parity_break=true to override)"
+        )
+    return violations
+
+
+def resolve_dtype(model: ModelConfig, device: str) -> str:
+    if model.dtype != "auto":
+        return model.dtype
+    return "bfloat16" if device == "cuda" else "float32"
+
+
+def engine_kwargs(engine: EngineConfig, model: ModelConfig, model_path: str, device: str = "cpu") -> dict:
+    """Keyword arguments for vllm.LLM / AsyncEngineArgs with every numerics setting explicit."""
+    if device == "cpu":
+        # vLLM's CPU backend sizes its KV cache from this variable (GiB); spawned workers inherit it.
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(engine.kv_cache_space_gib)))
+    return dict(
+        model=model_path,
+        tokenizer=model_path,
+        dtype=resolve_dtype(model, device),
+        seed=engine.seed,
+        logprobs_mode=engine.logprobs_mode,
+        enable_prefix_caching=engine.enable_prefix_caching,
+        async_scheduling=engine.async_scheduling,
+        generation_config=engine.generation_config,
+        enforce_eager=engine.enforce_eager,
+        enable_chunked_prefill=engine.enable_chunked_prefill,
+        max_num_seqs=engine.max_num_seqs,
+        max_num_batched_tokens=engine.max_num_batched_tokens,
+        max_model_len=engine.max_model_len,
+        gpu_memory_utilization=engine.gpu_memory_utilization,
+        tensor_parallel_size=engine.tensor_parallel_size,
+    )
