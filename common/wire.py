@@ -40,6 +40,11 @@ class Message:
     body: Record
 
 
+# msgspec reports most problems as DecodeError/ValidationError, but invalid UTF-8 in a string
+# surfaces as UnicodeDecodeError and absurd sizes inside __post_init__ checks as numpy's
+# ValueError/MemoryError; all of them are the peer's fault and become WireDecodeError.
+_DECODE_FAILURES = (msgspec.MsgspecError, ValueError, TypeError, OverflowError, MemoryError, RecursionError)
+
 _ENCODER = msgspec.msgpack.Encoder()
 _ENVELOPE_DECODER = msgspec.msgpack.Decoder(Envelope)
 _BODY_DECODERS = {kind: msgspec.msgpack.Decoder(cls) for kind, cls in BODY_TYPES.items()}
@@ -70,7 +75,7 @@ def decode_envelope(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) 
         raise WireDecodeError(f"message of {len(data)} bytes exceeds the limit of {max_bytes}")
     try:
         envelope = _ENVELOPE_DECODER.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except _DECODE_FAILURES as exc:
         raise WireDecodeError(f"malformed envelope: {exc}") from None
     if envelope.schema != SCHEMA_VERSION:
         raise WireDecodeError(
@@ -86,11 +91,8 @@ def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Messag
     envelope = decode_envelope(data, max_bytes=max_bytes)
     try:
         body = _BODY_DECODERS[envelope.kind].decode(envelope.body)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except _DECODE_FAILURES as exc:
         raise WireDecodeError(f"{envelope.kind} body: {_with_root(str(exc))}") from None
-    except (ValueError, TypeError, OverflowError, MemoryError) as exc:
-        # Raised by numpy inside a __post_init__ check on absurd input; still the peer's fault.
-        raise WireDecodeError(f"{envelope.kind} body: {exc}") from None
     return Message(kind=envelope.kind, sender=envelope.sender, msg_id=envelope.msg_id, body=body)
 
 

@@ -1,0 +1,79 @@
+"""Config loading: every shipped config loads, overrides apply, bad keys and values are named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tether.common.config import RunConfig, load_config, save_resolved
+from tether.common.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+SHIPPED = sorted(CONFIG_DIR.glob("*.yaml"))
+
+
+def test_there_are_shipped_configs():
+    assert SHIPPED, f"no configs in {CONFIG_DIR}"
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    config = load_config(path)
+    assert isinstance(config, RunConfig)
+    # The file's own values win over the defaults.
+    raw = yaml.safe_load(path.read_text())
+    assert config.run.name == raw.get("run", {}).get("name", config.run.name)
+
+
+def test_defaults_are_the_parity_settings():
+    engine = load_config().actor.engine
+    assert engine.logprobs_mode == "processed_logprobs"
+    assert engine.enable_prefix_caching is False
+    assert engine.async_scheduling is False
+    assert engine.generation_config == "vllm"
+    assert load_config().model.fp32_lm_head is True
+
+
+def test_overrides_win_over_the_file_and_keep_types():
+    config = load_config(CONFIG_DIR / "demo.yaml", ["learner.lr=0.5", "actor.sampling.top_k=20", "task.options.max_operand=9"])
+    assert config.learner.lr == 0.5
+    assert config.actor.sampling.top_k == 20
+    assert config.task.options == {"max_operand": "9"}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["learner.lrr=1"], r"learner\.lrr: unknown config key"),
+        (["nonsense.key=1"], r"nonsense: unknown config key"),
+        (["learner.steps=many"], r"learner\.steps: .*could not be converted"),
+        (["actor.engine.enable_prefix_caching=maybe"], r"actor\.engine\.enable_prefix_caching"),
+        (["actor.engine.logprobs_mode=raw"], r"actor\.engine\.logprobs_mode: must be one of"),
+        (["actor.sampling.top_p=1.5"], r"actor\.sampling\.top_p: must be in \(0, 1\]"),
+        (["learner.rollouts_per_step=12"], r"learner\.rollouts_per_step: must be a multiple of actor\.sampling\.group_size"),
+        (["broker.buffer_capacity=8"], r"broker\.buffer_capacity: must hold at least one step"),
+        (["broker.curve_enabled=true"], r"broker\.keys_dir: is required"),
+        (["learner.lr"], r"key=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_bad_file_names_the_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("learner:\n  algoritm: grpo\n")
+    with pytest.raises(ConfigError, match=r"learner\.algoritm: unknown config key in .*bad\.yaml"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    config = load_config(CONFIG_DIR / "demo.yaml", ["learner.steps=7"])
+    written = save_resolved(config, tmp_path, "learner")
+    assert written == tmp_path / "config" / "learner.yaml"
+    assert load_config(written) == config

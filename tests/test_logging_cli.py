@@ -1,0 +1,42 @@
+"""Logging goes to the console and to JSON lines; the tether command dispatches subcommands."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+
+from tether.common.cli import SUBCOMMANDS
+from tether.common.logging import configure_logging, get_logger
+
+
+def test_json_lines_and_console(tmp_path, capsys):
+    path = configure_logging("unit", run_dir=tmp_path, level="info")
+    get_logger("tether.test").info("step done", step=3, reward=0.5)
+    get_logger("tether.test").debug("hidden detail")
+    logging.getLogger("vllm.engine").warning("foreign %s", "library line")
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["event"] for r in records] == ["step done", "foreign library line"]
+    assert records[0]["step"] == 3 and records[0]["component"] == "unit" and records[0]["level"] == "info"
+    assert "timestamp" in records[0]
+    console = capsys.readouterr().err
+    assert "step done" in console and "reward=0.5" in console and "hidden detail" not in console
+    configure_logging("unit", run_dir=None)  # reconfiguring replaces handlers instead of stacking them
+    assert sum(getattr(h, "_tether", False) for h in logging.getLogger().handlers) == 1
+
+
+def test_every_subcommand_answers_help():
+    for name in SUBCOMMANDS:
+        result = subprocess.run([sys.executable, "-m", "tether.common.cli", name, "--help"],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, (name, result.stderr)
+        assert "usage" in result.stdout.lower()
+
+
+def test_unknown_subcommand_fails_clearly():
+    result = subprocess.run([sys.executable, "-m", "tether.common.cli", "frobnicate"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "invalid choice: 'frobnicate'" in result.stderr

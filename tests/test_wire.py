@@ -1,0 +1,220 @@
+"""Wire protocol: every record round-trips, and no byte string crashes the decoder."""
+
+from __future__ import annotations
+
+import msgspec
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tether.common import messages as m
+from tether.common import wire
+from tether.common.errors import WireDecodeError
+
+ids = st.text(min_size=1, max_size=24)
+finite = st.floats(allow_nan=False, allow_infinity=False, width=32)
+small_int = st.integers(min_value=0, max_value=2**31 - 1)
+
+
+@st.composite
+def rollouts(draw):
+    n = draw(st.integers(min_value=0, max_value=40))
+    versions = np.sort(np.array(draw(st.lists(st.integers(0, 1000), min_size=n, max_size=n)), dtype=np.int32))
+    return m.Rollout(
+        rollout_id=draw(ids),
+        group_id=draw(ids),
+        group_size=draw(st.integers(1, 64)),
+        actor_id=draw(ids),
+        task=draw(ids),
+        prompt_token_ids=m.int32_array(draw(st.lists(st.integers(0, 2**31 - 1), max_size=30))),
+        completion_token_ids=m.int32_array(draw(st.lists(st.integers(0, 2**31 - 1), min_size=n, max_size=n))),
+        logprobs=m.float32_array(draw(st.lists(st.floats(-50, 0, width=32), min_size=n, max_size=n))),
+        versions=m.Array.from_numpy(versions),
+        reward=draw(finite),
+        sampling=draw(sampling_specs()),
+        finish_reason=draw(st.sampled_from(["stop", "length", "abort"])),
+        created_at=draw(st.floats(0, 2e9)),
+    )
+
+
+@st.composite
+def sampling_specs(draw):
+    return m.SamplingSpec(
+        temperature=draw(st.floats(0.01, 5)),
+        max_tokens=draw(st.integers(1, 4096)),
+        top_k=draw(st.integers(0, 1000)),
+        top_p=draw(st.floats(0.01, 1.0)),
+        seed=draw(st.none() | st.integers(0, 2**31)),
+    )
+
+
+tensor_specs = st.builds(
+    m.TensorSpec,
+    name=ids,
+    shape=st.lists(st.integers(0, 4096), max_size=3).map(tuple),
+    dtype=st.sampled_from(["float32", "bfloat16"]),
+)
+
+RECORD_STRATEGIES = {
+    m.Hello: st.builds(m.Hello, peer_id=ids, role=st.sampled_from(["actor", "learner", "broker", "tool"]),
+                       worker_count=st.integers(0, 64), host=st.text(max_size=20), pid=small_int,
+                       loaded_version=st.integers(-1, 10**6)),
+    m.Heartbeat: st.builds(m.Heartbeat, peer_id=ids, seq=small_int, loaded_version=st.integers(-1, 10**6),
+                           unacked_rollouts=small_int, requests_in_flight=small_int),
+    m.Rollout: rollouts(),
+    m.RolloutBatch: st.builds(m.RolloutBatch, rollouts=st.lists(rollouts(), max_size=3), dropped_stale=small_int),
+    m.Ack: st.builds(m.Ack, rollout_ids=st.lists(ids, max_size=5), duplicates=small_int),
+    m.BatchRequest: st.builds(m.BatchRequest, rank=st.integers(0, 64), size=st.integers(1, 4096),
+                              learner_version=small_int, max_lag=small_int),
+    m.WeightsAnnounce: st.builds(m.WeightsAnnounce, version=small_int, epoch=small_int,
+                                 tensors=st.lists(tensor_specs, max_size=4), bucket_bytes=st.integers(1, 2**31),
+                                 group_host=st.text(max_size=20), group_port=st.integers(0, 65535),
+                                 group_world_size=st.integers(0, 128), first_rank=st.integers(0, 128)),
+    m.VersionAck: st.builds(m.VersionAck, peer_id=ids, version=small_int, epoch=small_int, ok=st.booleans(),
+                            pause_seconds=st.floats(0, 100), error=st.text(max_size=30)),
+    m.StatusRequest: st.just(m.StatusRequest()),
+    m.Status: st.builds(
+        m.Status,
+        peers=st.lists(st.builds(m.PeerStatus, peer_id=ids, role=st.sampled_from(["actor", "learner"]),
+                                 alive=st.booleans(), loaded_version=st.integers(-1, 100), lag=st.integers(0, 100),
+                                 seconds_since_seen=st.floats(0, 1e6)), max_size=3),
+        latest_version=st.integers(-1, 10**6), epoch=small_int, buffer_depth=small_int,
+        rollouts_per_second=st.floats(0, 1e6), stored_total=small_int, dropped_stale_total=small_int),
+    m.Error: st.builds(m.Error, code=st.sampled_from(["malformed", "unknown_kind", "too_large", "internal"]),
+                       message=st.text(max_size=50), ref_msg_id=st.text(max_size=32)),
+}
+
+
+def test_every_wire_record_has_a_strategy():
+    assert set(RECORD_STRATEGIES) == set(m.BODY_TYPES.values())
+
+
+@pytest.mark.parametrize("record_type", list(RECORD_STRATEGIES), ids=lambda t: t.KIND)
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_round_trip(record_type, data):
+    record = data.draw(RECORD_STRATEGIES[record_type])
+    message = wire.decode(wire.encode(record, sender="peer-1", msg_id="m1"))
+    assert message.body == record
+    assert (message.kind, message.sender, message.msg_id) == (record_type.KIND, "peer-1", "m1")
+
+
+def _rollout(**changes):
+    base = dict(
+        rollout_id="r", group_id="g", group_size=2, actor_id="a", task="arithmetic",
+        prompt_token_ids=m.int32_array([1, 2, 3]), completion_token_ids=m.int32_array([4, 5]),
+        logprobs=m.float32_array([-0.5, -1.0]), versions=m.int32_array([3, 4]), reward=1.0,
+        sampling=m.SamplingSpec(temperature=0.7, max_tokens=8, top_p=0.9), finish_reason="stop",
+    )
+    return base | changes
+
+
+def _raw_message(body: dict, **envelope) -> bytes:
+    fields = dict(kind="rollout", schema=m.SCHEMA_VERSION, sender="s", msg_id="1", body=body) | envelope
+    return msgspec.msgpack.encode(fields)
+
+
+def _body(record) -> dict:
+    return msgspec.to_builtins(record, builtin_types=(bytes,))
+
+
+def test_arrays_are_raw_little_endian_bytes():
+    rollout = m.Rollout(**_rollout())
+    body = msgspec.msgpack.decode(wire.encode(rollout, sender="s"))["body"]
+    assert body["logprobs"] == {"dtype": "<f4", "shape": [2], "data": np.array([-0.5, -1.0], "<f4").tobytes()}
+    assert rollout.versions.numpy().tolist() == [3, 4]
+
+
+@pytest.mark.parametrize(
+    ("change", "field_in_message"),
+    [
+        ({"versions": {"dtype": "<i4", "shape": [2], "data": np.array([5, 4], "<i4").tobytes()}}, "versions"),
+        ({"logprobs": {"dtype": "<f4", "shape": [1], "data": np.array([-1], "<f4").tobytes()}}, "logprobs"),
+        ({"logprobs": {"dtype": "<f4", "shape": [2], "data": np.array([-1, 0.5], "<f4").tobytes()}}, "logprobs"),
+        ({"logprobs": {"dtype": "<f8", "shape": [2], "data": np.array([-1, -1], "<f8").tobytes()}}, "logprobs"),
+        ({"completion_token_ids": {"dtype": "<i4", "shape": [3], "data": b"\0" * 8}}, "array data"),
+        ({"reward": "high"}, "$.body.reward"),
+        ({"reward": float("nan")}, "reward"),
+        ({"sampling": {"temperature": 0.0, "max_tokens": 3}}, "temperature"),
+        ({"finish_reason": "exploded"}, "$.body.finish_reason"),
+        ({"group_size": 0}, "group_size"),
+        ({"rollout_id": ""}, "rollout_id"),
+        ({"unexpected": 1}, "unexpected"),
+    ],
+)
+def test_invalid_rollout_fields_are_named(change, field_in_message):
+    body = _body(m.Rollout(**_rollout())) | change
+    with pytest.raises(WireDecodeError, match=field_in_message.replace("$", r"\$")):
+        wire.decode(_raw_message(body))
+
+
+def test_envelope_errors_are_specific():
+    body = _body(m.Rollout(**_rollout()))
+    with pytest.raises(WireDecodeError, match="schema version 99"):
+        wire.decode(_raw_message(body, schema=99))
+    with pytest.raises(WireDecodeError, match="unknown message kind 'teleport'"):
+        wire.decode(_raw_message(body, kind="teleport"))
+    with pytest.raises(WireDecodeError, match="exceeds the limit"):
+        wire.decode(_raw_message(body), max_bytes=10)
+    with pytest.raises(WireDecodeError, match="malformed envelope"):
+        wire.decode(b"\x93\x01\x02")
+
+
+def test_oversized_array_declaration_is_refused_without_allocating():
+    huge = {"dtype": "<f4", "shape": [2**31, 2**31], "data": b""}
+    with pytest.raises(WireDecodeError, match="exceeds"):
+        wire.decode(_raw_message(_body(m.Rollout(**_rollout())) | {"logprobs": huge}))
+
+
+def test_encode_refuses_non_records():
+    with pytest.raises(TypeError):
+        wire.encode(m.SamplingSpec(temperature=1.0, max_tokens=1), sender="s")
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(max_size=512))
+def test_fuzz_random_bytes_raise_only_decode_error(data):
+    try:
+        wire.decode(data)
+    except WireDecodeError:
+        pass
+
+
+VALID_MESSAGES = [
+    wire.encode(m.Rollout(**_rollout()), sender="actor-0"),
+    wire.encode(m.WeightsAnnounce(version=3, epoch=1, tensors=[m.TensorSpec(name="w", shape=(2, 3), dtype="float32")],
+                                  bucket_bytes=1024), sender="learner"),
+    wire.encode(m.Hello(peer_id="actor-0", role="actor", worker_count=1), sender="actor-0"),
+]
+
+
+@settings(max_examples=1500, deadline=None)
+@given(
+    which=st.integers(0, len(VALID_MESSAGES) - 1),
+    edits=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255), st.sampled_from(["set", "insert", "delete"])),
+                   min_size=1, max_size=6),
+)
+def test_fuzz_mutated_messages_raise_only_decode_error(which, edits):
+    data = bytearray(VALID_MESSAGES[which])
+    for position, value, op in edits:
+        i = position % (len(data) + 1)
+        if op == "set" and i < len(data):
+            data[i] = value
+        elif op == "insert":
+            data.insert(i, value)
+        elif op == "delete" and i < len(data):
+            del data[i]
+    try:
+        message = wire.decode(bytes(data))
+    except WireDecodeError:
+        return
+    # A mutation that still decodes must still satisfy every record invariant.
+    assert type(message.body).KIND == message.kind
+
+
+def test_truncations_of_valid_messages_raise_only_decode_error():
+    for data in VALID_MESSAGES:
+        for cut in range(len(data)):
+            with pytest.raises(WireDecodeError):
+                wire.decode(data[:cut])
