@@ -1,0 +1,272 @@
+"""The weight broadcast: learner rank 0 sends named tensors to every actor worker, in buckets.
+
+A weight group is formed per epoch (the broker bumps the epoch whenever the set of receivers
+changes) without touching torch.distributed's default process group, so a learner launched by
+torchrun and a vLLM worker (which has its own default group) can both join it:
+
+- every participant connects as a client to the broker's TCPStore (the broker is its master),
+- keys are namespaced by ``PrefixStore(f"weights/epoch-{epoch}", store)``, so a new epoch never
+  reads a stale key of an old one,
+- a gloo (CPU) or NCCL (CUDA) backend object is built directly on that store; it is used for
+  broadcast only and never registered globally.
+
+Wire layout: tensors travel in the order of the announced specs, packed into buckets of at most
+`bucket_bytes` bytes (a single tensor larger than that gets a bucket of its own). A bucket is one
+flat uint8 buffer; each tensor sits at an offset aligned to `ALIGN` bytes, as its raw bytes. Sending
+bytes rather than typed tensors keeps bf16 (and any dtype) bit-identical over every backend.
+
+Both sides compute the same `bucket_plan(specs, bucket_bytes)`, so only data crosses the wire.
+Every collective has a timeout: a dead peer makes the others fail with an error instead of hanging.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from tether.common.messages import TensorSpec
+
+ALIGN = 64
+"""Byte alignment of each tensor inside a bucket (any dtype can view an aligned slice)."""
+
+_DTYPES = {
+    "float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+    "bfloat16": torch.bfloat16, "int64": torch.int64, "int32": torch.int32,
+    "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool,
+}
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    """torch dtype for a TensorSpec dtype name ("float32", "bfloat16", or "torch.float32")."""
+    key = name.removeprefix("torch.")
+    if key not in _DTYPES:
+        raise ValueError(f"unsupported tensor dtype {name!r}; known: {sorted(_DTYPES)}")
+    return _DTYPES[key]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def spec_of(name: str, tensor: torch.Tensor) -> TensorSpec:
+    return TensorSpec(name=name, shape=tuple(tensor.shape), dtype=dtype_name(tensor.dtype))
+
+
+def tensor_specs(named_tensors: Iterable[tuple[str, torch.Tensor]]) -> list[TensorSpec]:
+    """The specs to announce for `named_tensors`, in the order they will be broadcast."""
+    return [spec_of(name, tensor) for name, tensor in named_tensors]
+
+
+def spec_nbytes(spec: TensorSpec) -> int:
+    return math.prod(spec.shape) * dtype_from_name(spec.dtype).itemsize
+
+
+def _aligned(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+@dataclass(frozen=True)
+class BucketEntry:
+    spec: TensorSpec
+    offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class Bucket:
+    entries: tuple[BucketEntry, ...]
+    nbytes: int
+    """Buffer size: end of the last entry (the buffer is not padded after it)."""
+
+
+def bucket_plan(specs: Sequence[TensorSpec], bucket_bytes: int) -> list[Bucket]:
+    """Pack `specs` in order into buckets of at most `bucket_bytes` bytes.
+
+    Deterministic, so sender and receivers agree from the announced specs alone. A tensor larger
+    than `bucket_bytes` is sent alone in an oversized bucket rather than split.
+    """
+    if bucket_bytes < 1:
+        raise ValueError(f"bucket_bytes must be >= 1, got {bucket_bytes}")
+    buckets: list[Bucket] = []
+    entries: list[BucketEntry] = []
+    end = 0
+    for spec in specs:
+        nbytes = spec_nbytes(spec)
+        offset = _aligned(end) if entries else 0
+        if entries and offset + nbytes > bucket_bytes:
+            buckets.append(Bucket(tuple(entries), end))
+            entries, offset = [], 0
+        entries.append(BucketEntry(spec, offset, nbytes))
+        end = offset + nbytes
+    if entries:
+        buckets.append(Bucket(tuple(entries), end))
+    return buckets
+
+
+def resolve_backend(backend: str, device: torch.device | str | None = None) -> str:
+    """auto -> nccl when the device (or, without one, the machine) is CUDA, else gloo."""
+    if backend != "auto":
+        return backend
+    if device is not None:
+        return "nccl" if torch.device(device).type == "cuda" else "gloo"
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+@dataclass
+class WeightGroup:
+    """One participant's membership of the weight group of one epoch. Rank 0 is the sender."""
+
+    epoch: int
+    rank: int
+    world_size: int
+    backend: str
+    device: torch.device
+    timeout_s: float
+    _pg: object = field(repr=False)
+    _store: object = field(repr=False)
+
+    def broadcast_(self, buffer: torch.Tensor) -> None:
+        """In-place broadcast of `buffer` from rank 0, failing after `timeout_s`."""
+        work = self._pg.broadcast(buffer, 0, timedelta(seconds=self.timeout_s))
+        work.wait()
+
+    def close(self) -> None:
+        """Release the backend's sockets/communicators; the group cannot be used afterwards."""
+        pg, self._pg = self._pg, None
+        if pg is not None and hasattr(pg, "shutdown"):
+            try:
+                pg.shutdown()
+            except Exception:  # a peer already gone: nothing left to release cleanly
+                pass
+
+    def __enter__(self) -> WeightGroup:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def join_weight_group(
+    host: str,
+    port: int,
+    epoch: int,
+    rank: int,
+    world_size: int,
+    backend: str = "auto",
+    device: torch.device | str | None = None,
+    timeout_s: float = 120.0,
+    store: dist.Store | None = None,
+) -> WeightGroup:
+    """Join the weight group of `epoch` through the TCPStore at host:port (the broker's).
+
+    Blocks until all `world_size` ranks have joined or `timeout_s` passes. `store` may be given
+    instead of host/port (e.g. a process that already holds a client of the broker's store).
+    The default process group is neither needed nor touched.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside the weight group of size {world_size}")
+    backend = resolve_backend(backend, device)
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    device = torch.device(device)
+    timeout = timedelta(seconds=timeout_s)
+    if store is None:
+        store = dist.TCPStore(host, port, is_master=False, timeout=timeout, wait_for_workers=False)
+    prefixed = dist.PrefixStore(f"weights/epoch-{epoch}", store)
+    if backend == "gloo":
+        pg = dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
+    elif backend == "nccl":
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        pg = dist.ProcessGroupNCCL(prefixed, rank, world_size, options)
+    else:
+        raise ValueError(f"unsupported weight group backend {backend!r} (gloo or nccl)")
+    group = WeightGroup(epoch, rank, world_size, backend, device, timeout_s, pg, store)
+    if backend == "nccl":
+        # NCCL connects lazily; a tiny broadcast now makes a join failure show up here, not mid-update.
+        group.broadcast_(torch.zeros(1, dtype=torch.uint8, device=device))
+    return group
+
+
+@dataclass
+class TransferStats:
+    """What one broadcast moved and how long it took (seconds)."""
+
+    tensors: int = 0
+    buckets: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+
+    @property
+    def mb_per_s(self) -> float:
+        return self.bytes / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+
+def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    flat = tensor.detach().contiguous().reshape(-1)
+    return flat.view(torch.uint8) if flat.dtype != torch.bool else flat.to(torch.uint8)
+
+
+class WeightSender:
+    """Rank 0 of a weight group: broadcasts named tensors in spec order, bucketed."""
+
+    def __init__(self, group: WeightGroup, bucket_bytes: int):
+        if group.rank != 0:
+            raise ValueError(f"WeightSender must be rank 0 of the weight group, got rank {group.rank}")
+        self.group = group
+        self.bucket_bytes = bucket_bytes
+
+    def broadcast(self, named_tensors: Sequence[tuple[str, torch.Tensor]]) -> TransferStats:
+        """Send `named_tensors` (the same order and shapes as the announced specs)."""
+        start = time.perf_counter()
+        specs = tensor_specs(named_tensors)
+        tensors = [tensor for _, tensor in named_tensors]
+        stats = TransferStats(tensors=len(specs))
+        index = 0
+        for bucket in bucket_plan(specs, self.bucket_bytes):
+            buffer = torch.empty(bucket.nbytes, dtype=torch.uint8, device=self.group.device)
+            for entry in bucket.entries:
+                src = _as_bytes(tensors[index]).to(self.group.device, non_blocking=True)
+                buffer[entry.offset:entry.offset + entry.nbytes].copy_(src)
+                index += 1
+            self.group.broadcast_(buffer)
+            stats.buckets += 1
+            stats.bytes += bucket.nbytes
+        stats.seconds = time.perf_counter() - start
+        return stats
+
+
+class WeightReceiver:
+    """A rank > 0 of a weight group: receives the announced tensors as (name, tensor) pairs."""
+
+    def __init__(self, group: WeightGroup):
+        if group.rank == 0:
+            raise ValueError("rank 0 is the sender of the weight group")
+        self.group = group
+        self.stats = TransferStats()
+
+    def receive(self, specs: Sequence[TensorSpec], bucket_bytes: int) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield every announced tensor, bucket by bucket, as it arrives.
+
+        The tensors are views of a fresh per-bucket buffer, so they stay valid after iteration
+        moves on. The iterator must be consumed completely: every rank takes part in every bucket.
+        """
+        start = time.perf_counter()
+        self.stats = TransferStats(tensors=len(specs))
+        for bucket in bucket_plan(specs, bucket_bytes):
+            buffer = torch.empty(bucket.nbytes, dtype=torch.uint8, device=self.group.device)
+            self.group.broadcast_(buffer)
+            self.stats.buckets += 1
+            self.stats.bytes += bucket.nbytes
+            for entry in bucket.entries:
+                dtype = dtype_from_name(entry.spec.dtype)
+                raw = buffer[entry.offset:entry.offset + entry.nbytes]
+                tensor = raw.to(torch.bool) if dtype == torch.bool else raw.view(dtype)
+                yield entry.spec.name, tensor.view(entry.spec.shape)
+        self.stats.seconds = time.perf_counter() - start
