@@ -77,3 +77,12 @@ def test_resolved_config_round_trips(tmp_path):
     written = save_resolved(config, tmp_path, "learner")
     assert written == tmp_path / "config" / "learner.yaml"
     assert load_config(written) == config
+
+
+def test_every_key_is_documented_and_the_reference_is_current():
+    from tether.common.config.reference import _sections, render
+
+    undocumented = [key for _, _, rows in _sections(RunConfig, "") for key, _, _, doc in rows if not doc]
+    assert not undocumented, f"config keys without a docstring: {undocumented}"
+    reference = Path(__file__).resolve().parents[1] / "docs" / "config.md"
+    assert reference.read_text() == render(), "docs/config.md is stale: python -m tether.common.config.reference > docs/config.md"

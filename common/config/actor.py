@@ -33,16 +33,19 @@ class EngineConfig(Section):
     enforce_eager: bool = True
     """Skip graph capture/compilation: faster start-up, same numerics."""
     enable_chunked_prefill: bool = True
+    """Split long prefills across scheduler steps (vLLM default; pinned so it is explicit)."""
     max_num_seqs: int = 256
     """Upper bound of sequences scheduled together."""
     max_num_batched_tokens: int = 4096
     """Upper bound of tokens per scheduler step."""
     max_model_len: int = 512
+    """Longest prompt plus completion in tokens."""
     gpu_memory_utilization: float = 0.5
     """Fraction of GPU memory vLLM may take (ignored on CPU)."""
     kv_cache_space_gib: float = 1.0
     """KV cache size on CPU (sets VLLM_CPU_KVCACHE_SPACE)."""
     tensor_parallel_size: int = 1
+    """vLLM workers per actor; each joins the weight group as its own rank."""
     allow_parity_break: bool = False
     """Start even if a parity key is changed (for diagnosis, e.g. `tether parity`)."""
 
@@ -62,10 +65,13 @@ class SamplingConfig(Section):
     SECTION = "actor.sampling"
 
     temperature: float = 1.0
+    """Softmax temperature; logprobs are of the tempered, filtered distribution."""
     top_k: int = 0
     """0 disables top-k."""
     top_p: float = 1.0
+    """Nucleus mass kept after top-k; 1 disables top-p."""
     max_tokens: int = 16
+    """Completion length limit."""
     group_size: int = 8
     """Completions per prompt (n); advantages are normalised within a group."""
 

@@ -18,6 +18,7 @@ class BrokerConfig(Section):
     store_port: int = 29555
     """TCP port of the torch.distributed store for the weight group."""
     heartbeat_interval_s: float = 1.0
+    """Seconds between a peer's heartbeats."""
     peer_timeout_s: float = 10.0
     """A peer silent this long is declared dead."""
     buffer_capacity: int = 4096
@@ -25,6 +26,7 @@ class BrokerConfig(Section):
     journal_path: str = ""
     """Append-only journal of acked rollouts; empty disables it."""
     max_message_bytes: int = 64 * 1024 * 1024
+    """Larger messages are refused by the socket and the decoder."""
     curve_enabled: bool = False
     """Require ZeroMQ CURVE authentication (keys from `tether keys`)."""
     keys_dir: str = ""

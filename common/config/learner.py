@@ -20,8 +20,11 @@ class LearnerConfig(Section):
     micro_batch_size: int = 16
     """Rollouts per forward/backward on one rank."""
     lr: float = 1e-4
+    """AdamW learning rate."""
     weight_decay: float = 0.0
+    """AdamW weight decay."""
     grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
     max_lag: int = 4
     """Rollouts with a token older than learner_version - max_lag are dropped and counted."""
     clip_low: float = 0.2
@@ -43,6 +46,7 @@ class LearnerConfig(Section):
     resume: bool = True
     """Continue from the newest checkpoint in the run directory if there is one."""
     activation_checkpointing: bool = False
+    """Recompute decoder-layer activations in backward to save memory."""
     num_threads: int = 1
     """torch threads per learner rank on CPU."""
 

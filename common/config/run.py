@@ -16,9 +16,11 @@ class RunSection(Section):
     SECTION = "run"
 
     name: str = "tether"
+    """Run name, shown in logs and metrics."""
     dir: str = "runs/tether"
     """Run directory: resolved configs, logs, metrics, checkpoints."""
     seed: int = 0
+    """Seed for everything not seeded more specifically (learner init, data order)."""
     log_level: str = "info"
     """debug, info, warning or error (console and JSON lines alike)."""
     device: str = "auto"
