@@ -1,0 +1,150 @@
+"""Each loss and its gradient against hand-computed values on tiny tensors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tether.learner.algorithms import LossInput, LossParams, available_algorithms, get_algorithm
+from tether.learner.algorithms.core import (
+    group_centred_advantages, group_normalised_advantages, kl_k3, leave_one_out_advantages,
+)
+
+torch.set_num_threads(1)
+
+
+def test_registry_lists_every_algorithm_and_rejects_unknown():
+    assert available_algorithms() == ["grpo", "gspo", "ppo", "reinforce", "rloo"]
+    assert get_algorithm("grpo").name == "grpo"
+    with pytest.raises(ValueError, match="available: grpo, gspo"):
+        get_algorithm("nope")
+
+
+def test_advantages_by_hand():
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 2.0, 4.0])
+    groups = torch.tensor([0, 0, 0, 0, 1, 1])
+    # group 0: mean 0.25, population std sqrt(3/16); group 1: mean 3, std 1
+    std0 = math.sqrt(3 / 16)
+    expected = [0.75 / std0, -0.25 / std0, -0.25 / std0, -0.25 / std0, -1.0, 1.0]
+    torch.testing.assert_close(group_normalised_advantages(rewards, groups, eps=0.0), torch.tensor(expected))
+    torch.testing.assert_close(group_centred_advantages(rewards, groups), torch.tensor([0.75, -0.25, -0.25, -0.25, -1.0, 1.0]))
+    # leave-one-out: 1 - 0, 0 - 1/3 (x3), 2 - 4, 4 - 2
+    torch.testing.assert_close(leave_one_out_advantages(rewards, groups), torch.tensor([1.0, -1 / 3, -1 / 3, -1 / 3, -2.0, 2.0]))
+    # a group of identical rewards has zero advantage, not NaN
+    same = group_normalised_advantages(torch.tensor([1.0, 1.0]), torch.tensor([0, 0]))
+    assert torch.equal(same, torch.zeros(2))
+
+
+def _input(logprobs, old, adv, mask, **kw):
+    return LossInput(logprobs=logprobs, old_logprobs=old, advantages=adv, mask=mask, **kw)
+
+
+def test_grpo_clip_higher_value_and_gradient_by_hand():
+    # two sequences, 2 tokens each (second sequence has one padded slot)
+    old = torch.log(torch.tensor([[0.5, 0.5], [0.5, 0.5]]))
+    new_p = torch.tensor([[0.75, 0.25], [0.55, 0.9]])  # ratios 1.5, 0.5 | 1.1, (pad)
+    logprobs = torch.log(new_p).requires_grad_()
+    adv = torch.tensor([1.0, -1.0])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    params = LossParams(clip_low=0.2, clip_high=0.28, tis_cap=0.0, aggregation="token")
+    out = get_algorithm("grpo").loss(_input(logprobs, old, adv, mask), params)
+    # token (0,0): A=+1, ratio 1.5 -> clipped at 1.28, loss -1.28, no gradient
+    # token (0,1): A=+1, ratio 0.5 -> min(0.5, 0.8)=0.5 unclipped: loss -0.5, d/dlogp = -0.5
+    # token (1,0): A=-1, ratio 1.1 -> max(1.1, 1.1) loss 1.1 unclipped, d/dlogp = 1.1
+    expected = (-1.28 - 0.5 + 1.1) / 3
+    assert out.loss.item() == pytest.approx(expected, abs=1e-6)
+    out.loss.backward()
+    torch.testing.assert_close(logprobs.grad, torch.tensor([[0.0, -0.5 / 3], [1.1 / 3, 0.0]]))
+    assert out.metrics["clamp_log_ratio_new_old_indicator"].item() == pytest.approx(1 / 3)
+
+
+def test_grpo_negative_advantage_clip_and_truncation():
+    old = torch.zeros(1, 3)
+    logprobs = torch.log(torch.tensor([[0.7, 5.0, 1.0]])).requires_grad_()  # ratios 0.7, 5, 1
+    adv = torch.tensor([-2.0])
+    mask = torch.ones(1, 3)
+    params = LossParams(clip_low=0.2, clip_high=0.28, tis_cap=3.0)
+    out = get_algorithm("grpo").loss(_input(logprobs, old, adv, mask), params)
+    # 0.7 < 0.8 with A<0: max(1.4, 1.6) = 1.6 (clipped, no grad);
+    # ratio 5: max(10, 2.56)=10, truncated by tis_cap: min(10, 6) = 6 (no grad); ratio 1: 2, grad 2
+    assert out.loss.item() == pytest.approx((1.6 + 6.0 + 2.0) / 3, abs=1e-5)
+    out.loss.backward()
+    torch.testing.assert_close(logprobs.grad, torch.tensor([[0.0, 0.0, 2.0 / 3]]))
+
+
+def test_sequence_aggregation_and_step_totals():
+    old = torch.zeros(2, 3)
+    logprobs = torch.zeros(2, 3, requires_grad=True)  # ratio 1 everywhere: pg_loss = -A
+    adv = torch.tensor([1.0, 3.0])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
+    ppo = get_algorithm("ppo").loss
+    token = ppo(_input(logprobs, old, adv, mask), LossParams(aggregation="token"))
+    assert token.loss.item() == pytest.approx(-(3 * 1 + 3) / 4)
+    seq = ppo(_input(logprobs, old, adv, mask), LossParams(aggregation="sequence"))
+    assert seq.loss.item() == pytest.approx(-(1 + 3) / 2)
+    # step totals: the micro-batch is a part of a bigger step; its loss is its share
+    part = ppo(_input(logprobs, old, adv, mask, total_tokens=8.0), LossParams(aggregation="token"))
+    assert part.loss.item() == pytest.approx(-6 / 8)
+
+
+def test_gspo_sequence_ratio_by_hand():
+    old = torch.zeros(2, 2)
+    # seq 0 log ratios 0.1, 0.3 -> mean 0.2; seq 1 log ratio 0.02 on its only token
+    logprobs = torch.tensor([[0.1, 0.3], [0.02, -9.0]], requires_grad=True)
+    adv = torch.tensor([1.0, 1.0])
+    mask = torch.tensor([[1.0, 1.0], [1.0, 0.0]])
+    params = LossParams(clip_low=0.0003, clip_high=0.0004, tis_cap=0.0, aggregation="sequence")
+    out = get_algorithm("gspo").loss(_input(logprobs, old, adv, mask), params)
+    # both sequence ratios exceed 1.0004 with A>0: both clipped at 1.0004
+    assert out.loss.item() == pytest.approx(-1.0004, abs=1e-6)
+    out.loss.backward()
+    assert torch.count_nonzero(logprobs.grad) == 0
+    assert out.metrics["clamp_log_ratio_new_old_indicator"].item() == pytest.approx(1.0)
+    # an unclipped sequence: grad of -exp(mean log ratio) wrt each token = -s/len, halved by 2 sequences
+    logprobs = torch.tensor([[0.0, 0.0], [0.0, 0.0]], requires_grad=True)
+    out = get_algorithm("gspo").loss(_input(logprobs, old, adv, mask), params)
+    out.loss.backward()
+    torch.testing.assert_close(logprobs.grad, torch.tensor([[-0.25, -0.25], [-0.5, 0.0]]))
+
+
+def test_rloo_truncated_importance_weight_and_gradient():
+    old = torch.log(torch.tensor([[0.5, 0.1]]))
+    new = torch.tensor([[0.4, 0.5]])  # weights 0.8 and 5 -> truncated at 2
+    logprobs = torch.log(new).requires_grad_()
+    adv = torch.tensor([1.5])
+    mask = torch.ones(1, 2)
+    out = get_algorithm("rloo").loss(_input(logprobs, old, adv, mask), LossParams(tis_cap=2.0))
+    expected = -(1.5 * 0.8 * math.log(0.4) + 1.5 * 2.0 * math.log(0.5)) / 2
+    assert out.loss.item() == pytest.approx(expected, rel=1e-5)
+    out.loss.backward()
+    torch.testing.assert_close(logprobs.grad, torch.tensor([[-1.5 * 0.8 / 2, -1.5 * 2.0 / 2]]))
+    assert out.metrics["clamp_log_ratio_new_old_indicator"].item() == pytest.approx(0.5)
+
+
+def test_kl_penalty_value_and_gradient():
+    old = torch.zeros(1, 1)
+    logprobs = torch.tensor([[-1.0]], requires_grad=True)
+    ref = torch.tensor([[-1.5]])
+    params = LossParams(kl_coef=0.5, tis_cap=0.0)
+    out = get_algorithm("reinforce").loss(_input(logprobs, old, torch.tensor([0.0]), torch.ones(1, 1), ref_logprobs=ref), params)
+    d = -0.5  # ref - logp
+    assert out.loss.item() == pytest.approx(0.5 * (math.exp(d) - d - 1), rel=1e-6)
+    out.loss.backward()
+    # d/dlogp [exp(ref - logp) + logp] = 1 - exp(ref - logp)
+    assert logprobs.grad.item() == pytest.approx(0.5 * (1 - math.exp(d)), rel=1e-6)
+    assert out.metrics["kl_ref"].item() == pytest.approx(math.exp(d) - d - 1, rel=1e-6)
+    assert kl_k3(torch.zeros(3), torch.zeros(3)).abs().max() == 0
+
+
+@pytest.mark.parametrize("name", ["grpo", "ppo", "gspo", "rloo", "reinforce"])
+def test_on_policy_gradient_is_policy_gradient(name):
+    """At ratio 1 (lag 0, no clipping) every loss's gradient is -A / N per token: the REINFORCE estimator."""
+    torch.manual_seed(0)
+    logp = (-torch.rand(3, 4)).requires_grad_()
+    adv = torch.tensor([0.5, -1.0, 2.0])
+    mask = torch.ones(3, 4)
+    out = get_algorithm(name).loss(_input(logp, logp.detach(), adv, mask), LossParams(aggregation="token"))
+    out.loss.backward()
+    torch.testing.assert_close(logp.grad, (-adv / 12).unsqueeze(-1).expand(3, 4))
