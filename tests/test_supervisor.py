@@ -1,0 +1,82 @@
+"""The supervisor stops every child and grandchild, on normal exit and on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+from tether.launch.supervisor import ProcessSpec, Supervisor
+
+# A child that spawns a grandchild which ignores SIGTERM, and reports both pids.
+SPAWNER = textwrap.dedent(
+    """
+    import signal, subprocess, sys, time
+    grandchild = subprocess.Popen([sys.executable, "-c",
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
+    print("pids", grandchild.pid, flush=True)
+    time.sleep(600)
+    """
+)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _dies_soon(pid: int, within_s: float = 10.0) -> bool:
+    # SIGKILL is delivered asynchronously; give the kernel a moment before judging.
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _grandchild_pid(log_path: Path) -> int:
+    for _ in range(200):
+        if log_path.exists() and "pids" in log_path.read_text():
+            return int(log_path.read_text().split()[1])
+        time.sleep(0.05)
+    raise AssertionError(f"spawner never reported: {log_path.read_text() if log_path.exists() else ''}")
+
+
+def test_stop_all_leaves_no_orphans(tmp_path):
+    with Supervisor(grace_seconds=1.0) as supervisor:
+        child = supervisor.start(ProcessSpec("spawner", [sys.executable, "-c", SPAWNER], tmp_path / "spawner.log"))
+        quick = supervisor.start(ProcessSpec("quick", [sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "q.log"))
+        grandchild = _grandchild_pid(tmp_path / "spawner.log")
+        assert supervisor.wait_any() is quick
+        assert supervisor.failed() == [quick] and quick.returncode == 3
+    assert _dies_soon(child.process.pid)
+    assert _dies_soon(grandchild), "a grandchild that ignores SIGTERM survived"
+
+
+def test_sigterm_to_the_supervisor_stops_children(tmp_path):
+    driver = textwrap.dedent(
+        f"""
+        import sys, time
+        from pathlib import Path
+        from tether.launch.supervisor import ProcessSpec, Supervisor
+        with Supervisor(grace_seconds=1.0) as s:
+            s.start(ProcessSpec("spawner", [sys.executable, "-c", {SPAWNER!r}], Path({str(tmp_path / 'c.log')!r})))
+            print("ready", flush=True)
+            s.wait_any()
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", driver], stdout=subprocess.PIPE, text=True)
+    assert any(line.strip() == "ready" for line in proc.stdout), "driver never became ready"
+    grandchild = _grandchild_pid(tmp_path / "c.log")
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+    assert _dies_soon(grandchild)
+    assert os.path.exists(tmp_path / "c.log")
