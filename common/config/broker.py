@@ -33,6 +33,22 @@ class BrokerConfig(Section):
     """Directory with server and authorized client keys when curve_enabled."""
     update_timeout_s: float = 60.0
     """A weight update not acked by every actor in this time re-forms the group without them."""
+    journal_fsync: str = "interval"
+    """always: fsync before every ack; interval: at most every journal_fsync_interval_s; never: leave it
+    to the OS. Acks always follow the write() call, so a killed broker process loses nothing acked; only
+    a machine crash can lose the un-fsynced tail."""
+    journal_fsync_interval_s: float = 1.0
+    """Seconds between fsyncs of the journal when journal_fsync=interval."""
+    dedup_window: int = 1_000_000
+    """Consumed rollout ids remembered for de-duplication (oldest forgotten first)."""
+    max_peers: int = 1024
+    """Registered peers at most; a Hello beyond it is refused, so random ids cannot exhaust memory."""
+    curve_client_name: str = "client"
+    """Client key pair peers use with CURVE: <keys_dir>/clients/<name>.key_secret."""
+    host_store: bool = True
+    """Host the torch.distributed TCPStore for the weight group at host:store_port."""
+    send_hwm: int = 1000
+    """ZeroMQ high-water mark per peer; beyond it messages to a slow peer are dropped, not queued."""
 
     def __post_init__(self) -> None:
         for key in ("port", "store_port"):
@@ -44,4 +60,10 @@ class BrokerConfig(Section):
         self.require(self.buffer_capacity >= 1, "buffer_capacity", "must be >= 1")
         self.require(self.max_message_bytes >= 1024, "max_message_bytes", "must be >= 1024")
         self.require(self.update_timeout_s > 0, "update_timeout_s", "must be > 0")
+        self.require_choice("journal_fsync", ("always", "interval", "never"))
+        self.require(self.journal_fsync_interval_s > 0, "journal_fsync_interval_s", "must be > 0")
+        self.require(self.dedup_window >= 0, "dedup_window", "must be >= 0")
+        self.require(self.max_peers >= 1, "max_peers", "must be >= 1")
+        self.require(bool(self.curve_client_name), "curve_client_name", "must not be empty")
+        self.require(self.send_hwm >= 1, "send_hwm", "must be >= 1")
         self.require(not self.curve_enabled or bool(self.keys_dir), "keys_dir", "is required when curve_enabled")
