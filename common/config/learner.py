@@ -47,6 +47,13 @@ class LearnerConfig(Section):
     """Continue from the newest checkpoint in the run directory if there is one."""
     activation_checkpointing: bool = False
     """Recompute decoder-layer activations in backward to save memory."""
+    rollouts_path: str = ""
+    """Train on the rollouts saved in this file (tether.learner.source.save_rollouts) instead of the broker."""
+    publish_to: str = "broker"
+    """broker: announce versions to the broker and broadcast to its weight group; static: a fixed group
+    at static_group without a broker; none: never publish."""
+    static_group: str = ""
+    """host:port:world_size of the TCPStore and size of the weight group when publish_to=static."""
     num_threads: int = 1
     """torch threads per learner rank on CPU."""
 
@@ -60,4 +67,11 @@ class LearnerConfig(Section):
         self.require_choice("loss_aggregation", ("token", "sequence"))
         self.require(self.kl_coef >= 0, "kl_coef", "must be >= 0")
         self.require(self.tis_cap >= 0, "tis_cap", "must be >= 0")
+        self.require_choice("publish_to", ("broker", "static", "none"))
+        if self.publish_to == "static":
+            parts = self.static_group.rsplit(":", 2)
+            self.require(
+                len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit() and int(parts[2]) >= 1,
+                "static_group", "must be host:port:world_size when publish_to=static",
+            )
         self.require(self.checkpoint_interval >= 0, "checkpoint_interval", "must be >= 0")

@@ -1,0 +1,94 @@
+"""`torchrun --nproc-per-node R -m tether.learner --config FILE key=value ...`
+
+Initialises the default process group (NCCL on CUDA, gloo on CPU), builds the Learner on every
+rank, and loops: step, publish, checkpoint. Rollouts come from the broker, or from
+learner.rollouts_path; weights go to the broker's weight group (learner.publish_to).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from tether.common.config import load_config, save_resolved
+from tether.common.logging import configure_logging, get_logger
+from tether.learner.publish import BrokerRendezvous, StaticRendezvous
+from tether.learner.source import BrokerBatchSource, FileBatchSource
+from tether.learner.trainer import Learner
+
+
+def _init_distributed(device: str) -> None:
+    if dist.is_initialized() or "RANK" not in os.environ:
+        return  # a plain `python -m tether.learner` runs as one unsharded process
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend="nccl" if cuda else "gloo")
+
+
+def _model_dir(config) -> Path:
+    if config.model.path:
+        return Path(config.model.path)
+    # Embedded default: the tiny model every actor also loads from <run_dir>/tiny-model.
+    path = Path(config.run.dir) / "tiny-model"
+    if not (path / "config.json").is_file():
+        raise SystemExit(f"model.path is empty and {path} does not exist: build it first (tether tiny-model) or set model.path")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tether.learner", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=None, help="YAML run config")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. learner.steps=10")
+    args = parser.parse_args(argv)
+    config = load_config(args.config, args.overrides)
+    cfg = config.learner
+    torch.set_num_threads(cfg.num_threads)
+    _init_distributed(config.run.device)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    configure_logging(component=f"learner-{rank}", run_dir=config.run.dir, level=config.run.log_level, console=rank == 0)
+    log = get_logger(__name__)
+    if rank == 0:
+        save_resolved(config, config.run.dir, "learner")
+
+    client = None
+    if not cfg.rollouts_path or cfg.publish_to == "broker":
+        try:
+            from tether.common.peer import BrokerClient
+        except ImportError as exc:
+            raise SystemExit(f"no broker client available ({exc}); set learner.rollouts_path and learner.publish_to") from exc
+        client = BrokerClient.from_config(config.broker, peer_id=f"learner-{rank}", role="learner").start()
+        client.hello()
+    source = (FileBatchSource(cfg.rollouts_path) if cfg.rollouts_path
+              else BrokerBatchSource(client, group_size=config.actor.sampling.group_size))
+    rendezvous = None
+    if rank == 0 and cfg.publish_to == "broker":
+        rendezvous = BrokerRendezvous(client)
+    elif rank == 0 and cfg.publish_to == "static":
+        host, port, size = cfg.static_group.rsplit(":", 2)
+        rendezvous = StaticRendezvous(host, int(port), int(size))
+
+    learner = Learner(config, _model_dir(config), source=source, rendezvous=rendezvous)
+    log.info("learner ready", rank=rank, world_size=learner.world_size, device=str(learner.device),
+             body_dtype=str(learner.body_dtype), algorithm=cfg.algorithm, version=learner.version)
+    try:
+        while learner.version < cfg.steps:
+            learner.step()
+            learner.maybe_publish()
+            learner.maybe_checkpoint()
+    finally:
+        learner.close()
+        if client is not None:
+            client.close()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""From a rank's rollouts to padded micro-batches, dropping (and counting) stale samples.
+
+Packing strategy: sequences are sorted by total length and cut into micro-batches of
+`micro_batch_size`, each right-padded only to its own longest sequence, so padding stays small
+without a varlen attention kernel (the pad fraction is reported as a metric).
+
+Groups stay whole on a rank: advantages are normalised within a group, so a BatchSource hands each
+rank complete groups and advantages are computed here over the rank's rollouts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tether.common.messages import Rollout
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """B sequences, right-padded. Sequence tensors are [B, T]; completion tensors are [B, L]."""
+
+    input_ids: torch.Tensor
+    """[B, T] prompt followed by completion, padded with 0."""
+    attention_mask: torch.Tensor
+    """[B, T] 1 on real tokens."""
+    prompt_lengths: torch.Tensor
+    """[B] number of prompt tokens; completion token i sits at position prompt_length + i."""
+    completion_ids: torch.Tensor
+    """[B, L] completion tokens, padded with 0."""
+    mask: torch.Tensor
+    """[B, L] float 1.0 on completion tokens."""
+    behaviour_logprobs: torch.Tensor
+    """[B, L] the actor's processed logprobs (0 on padding)."""
+    versions: torch.Tensor
+    """[B, L] int64 weight version of each token (-1 on padding)."""
+    advantages: torch.Tensor
+    """[B]"""
+    sampling: tuple[tuple[float, int, float], ...]
+    """Per sequence (temperature, top_k, top_p), replayed by the learner's logprob processing."""
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.mask.sum())
+
+    def logit_positions(self) -> torch.Tensor:
+        """[B, L] position whose logits predict each completion token (the one before it)."""
+        steps = torch.arange(self.completion_ids.shape[1])
+        last = self.input_ids.shape[1] - 1
+        return (self.prompt_lengths.unsqueeze(-1) - 1 + steps).clamp(max=last)
+
+    def with_zero_weight(self) -> MicroBatch:
+        """The same inputs contributing nothing: lets a rank with fewer micro-batches join the collectives."""
+        return MicroBatch(**{**self.__dict__, "mask": torch.zeros_like(self.mask)})
+
+
+@dataclass(frozen=True)
+class PreparedBatch:
+    micro_batches: list[MicroBatch]
+    rewards: np.ndarray
+    """Rewards of the kept rollouts."""
+    dropped_stale: int
+    """Rollouts dropped here for exceeding max_lag (the broker's own count is added by the caller)."""
+    dropped_empty: int
+    pad_tokens: int
+    real_tokens: int
+
+
+def keep_fresh(rollouts: Sequence[Rollout], learner_version: int, max_lag: int) -> tuple[list[Rollout], int, int]:
+    """Rollouts whose oldest token has lag <= max_lag, plus the counts of stale and empty ones dropped."""
+    kept, stale, empty = [], 0, 0
+    for rollout in rollouts:
+        if rollout.num_completion_tokens == 0:
+            empty += 1
+        elif learner_version - rollout.min_version > max_lag:
+            stale += 1
+        else:
+            kept.append(rollout)
+    return kept, stale, empty
+
+
+def group_indices(rollouts: Sequence[Rollout]) -> torch.Tensor:
+    """Dense group index per rollout, in order of first appearance."""
+    index: dict[str, int] = {}
+    return torch.tensor([index.setdefault(r.group_id, len(index)) for r in rollouts], dtype=torch.long)
+
+
+def _collate(rollouts: Sequence[Rollout], advantages: torch.Tensor) -> MicroBatch:
+    prompts = [r.prompt_token_ids.numpy() for r in rollouts]
+    completions = [r.completion_token_ids.numpy() for r in rollouts]
+    total = max(len(p) + len(c) for p, c in zip(prompts, completions, strict=True))
+    longest = max(len(c) for c in completions)
+    b = len(rollouts)
+    input_ids = torch.zeros(b, total, dtype=torch.long)
+    attention_mask = torch.zeros(b, total, dtype=torch.long)
+    completion_ids = torch.zeros(b, longest, dtype=torch.long)
+    mask = torch.zeros(b, longest)
+    behaviour = torch.zeros(b, longest)
+    versions = torch.full((b, longest), -1, dtype=torch.long)
+    for i, (rollout, prompt, completion) in enumerate(zip(rollouts, prompts, completions, strict=True)):
+        p, c = len(prompt), len(completion)
+        input_ids[i, :p] = torch.from_numpy(prompt.astype(np.int64))
+        input_ids[i, p:p + c] = torch.from_numpy(completion.astype(np.int64))
+        attention_mask[i, :p + c] = 1
+        completion_ids[i, :c] = input_ids[i, p:p + c]
+        mask[i, :c] = 1.0
+        behaviour[i, :c] = torch.from_numpy(rollout.logprobs.numpy().copy())
+        versions[i, :c] = torch.from_numpy(rollout.versions.numpy().astype(np.int64))
+    return MicroBatch(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        prompt_lengths=torch.tensor([len(p) for p in prompts], dtype=torch.long),
+        completion_ids=completion_ids,
+        mask=mask,
+        behaviour_logprobs=behaviour,
+        versions=versions,
+        advantages=advantages,
+        sampling=tuple((r.sampling.temperature, r.sampling.top_k, r.sampling.top_p) for r in rollouts),
+    )
+
+
+def prepare_batch(
+    rollouts: Sequence[Rollout],
+    learner_version: int,
+    max_lag: int,
+    micro_batch_size: int,
+    advantage_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> PreparedBatch:
+    """Drop stale and empty rollouts, compute advantages per group, and cut length-sorted micro-batches."""
+    kept, stale, empty = keep_fresh(rollouts, learner_version, max_lag)
+    rewards = np.array([r.reward for r in kept], dtype=np.float32)
+    if not kept:
+        return PreparedBatch([], rewards, stale, empty, 0, 0)
+    advantages = advantage_fn(torch.from_numpy(rewards), group_indices(kept))
+    lengths = [r.prompt_token_ids.shape[0] + r.num_completion_tokens for r in kept]
+    order = sorted(range(len(kept)), key=lambda i: lengths[i])
+    micro_batches, pad = [], 0
+    for start in range(0, len(order), micro_batch_size):
+        chunk = order[start:start + micro_batch_size]
+        mb = _collate([kept[i] for i in chunk], advantages[chunk])
+        pad += mb.input_ids.numel() - int(mb.attention_mask.sum())
+        micro_batches.append(mb)
+    return PreparedBatch(micro_batches, rewards, stale, empty, pad, sum(lengths))

@@ -1,0 +1,308 @@
+"""The learner: one optimizer step per batch, algorithm-blind, FSDP2 across the torchrun ranks.
+
+Driver API (every rank runs the same calls; see learner/__main__.py):
+
+    learner = Learner(config, model_dir, source=..., rendezvous=...)   # loads, shards, resumes
+    while learner.version < config.learner.steps:
+        metrics = learner.step()         # fetch this rank's share, forward/backward, optimizer step
+        learner.maybe_publish()          # broadcast weights of the new version (publish_interval)
+        learner.maybe_checkpoint()
+    learner.close()
+
+The weight version is the number of optimizer steps taken; `step()` increments it.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from tether.common.config import RunConfig
+from tether.common.logging import get_logger
+from tether.learner.algorithms import LossInput, LossParams, get_algorithm
+from tether.learner.batch import MicroBatch, prepare_batch
+from tether.learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from tether.learner.logprobs import processed_entropy, processed_logprobs
+from tether.learner.metrics import MetricsWriter, StepMetrics
+from tether.learner.model import completion_logits, load_policy, resolve_body_dtype, resolve_device
+from tether.learner.publish import PublishStats, Rendezvous, WeightPublisher
+from tether.learner.source import BatchSource
+
+log = get_logger(__name__)
+
+_LOSS_METRICS = ("pg_loss", "clamp_log_ratio_new_old_indicator", "kl_ref")
+
+
+def _dummy_micro_batch() -> MicroBatch:
+    """A one-token batch with zero weight, for a rank that got no rollouts this step."""
+    return MicroBatch(
+        input_ids=torch.zeros(1, 2, dtype=torch.long), attention_mask=torch.ones(1, 2, dtype=torch.long),
+        prompt_lengths=torch.ones(1, dtype=torch.long), completion_ids=torch.zeros(1, 1, dtype=torch.long),
+        mask=torch.zeros(1, 1), behaviour_logprobs=torch.zeros(1, 1), versions=torch.zeros(1, 1, dtype=torch.long),
+        advantages=torch.zeros(1), sampling=((1.0, 0, 1.0),),
+    )
+
+
+def sequence_logprobs(logits: torch.Tensor, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Processed logprobs (differentiable) and entropies (detached) of the completion tokens, [B, L].
+
+    Each sequence is processed with its own sampling spec (temperature, top-k, top-p), as the actor
+    sampled it (tether.learner.logprobs).
+    """
+    specs = sorted(set(mb.sampling))
+    if len(specs) == 1:
+        spec = specs[0]
+        with torch.no_grad():
+            entropy = processed_entropy(logits.detach(), *spec)
+        return processed_logprobs(logits, mb.completion_ids, *spec), entropy
+    rows, logprobs, entropies = [], [], []
+    for spec in specs:
+        idx = torch.tensor([i for i, s in enumerate(mb.sampling) if s == spec], device=logits.device)
+        rows.append(idx)
+        logprobs.append(processed_logprobs(logits[idx], mb.completion_ids[idx.cpu()].to(logits.device), *spec))
+        with torch.no_grad():
+            entropies.append(processed_entropy(logits[idx].detach(), *spec))
+    inverse = torch.argsort(torch.cat(rows))
+    return torch.cat(logprobs)[inverse], torch.cat(entropies)[inverse]
+
+
+class Learner:
+    """Holds the sharded policy, optimizer, algorithm and publisher of one learner rank."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        model_dir: str | Path,
+        *,
+        source: BatchSource,
+        rendezvous: Rendezvous | None = None,
+        shard: bool | None = None,
+    ):
+        self.config = config
+        cfg = config.learner
+        self.model_dir = Path(model_dir)
+        self.run_dir = Path(config.run.dir)
+        self.source = source
+        distributed = dist.is_initialized()
+        self.rank = dist.get_rank() if distributed else 0
+        self.world_size = dist.get_world_size() if distributed else 1
+        self.shard = distributed if shard is None else shard
+        self.device = resolve_device(config.run.device)
+        self.body_dtype = resolve_body_dtype(config.model.dtype, self.device)
+        self.fp32_lm_head = config.model.fp32_lm_head
+        torch.manual_seed(config.run.seed)
+        self.model = load_policy(
+            self.model_dir, self.device, self.body_dtype, fp32_lm_head=self.fp32_lm_head,
+            activation_checkpointing=cfg.activation_checkpointing, shard=self.shard,
+        )
+        self.ref_model = None
+        if cfg.kl_coef > 0:
+            self.ref_model = load_policy(
+                self.model_dir, self.device, self.body_dtype, fp32_lm_head=self.fp32_lm_head, shard=self.shard, trainable=False,
+            )
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.algorithm = get_algorithm(cfg.algorithm)
+        self.params = LossParams(
+            clip_low=cfg.clip_low, clip_high=cfg.clip_high, tis_cap=cfg.tis_cap, kl_coef=cfg.kl_coef,
+            aggregation=cfg.loss_aggregation,
+        )
+        self.version = 0
+        self.dropped_total = 0
+        if cfg.resume and (path := latest_checkpoint(self.run_dir)) is not None:
+            self.version = load_checkpoint(path, self.model, self.optimizer)
+            log.info("resumed", checkpoint=str(path), version=self.version)
+        self.publisher = None
+        if cfg.publish_to != "none":
+            self.publisher = WeightPublisher(
+                self.model, rank=self.rank, bucket_bytes=cfg.bucket_mb * 1024 * 1024, body_dtype=self.body_dtype,
+                fp32_lm_head=self.fp32_lm_head, rendezvous=rendezvous, backend=config.weights.backend,
+                device=self.device, timeout_s=config.weights.timeout_s,
+            )
+        self.writer = MetricsWriter(self.run_dir) if self.rank == 0 else None
+
+    # ---- one optimizer step -------------------------------------------------------------------
+
+    def step(self) -> dict:
+        """Fetch this rank's rollouts, take one optimizer step, return the step's (global) metrics."""
+        cfg = self.config.learner
+        started = time.perf_counter()
+        batch = self.source.next_batch(
+            step=self.version, rank=self.rank, world_size=self.world_size, size=cfg.rollouts_per_step,
+            learner_version=self.version, max_lag=cfg.max_lag,
+        )
+        prepared = prepare_batch(batch.rollouts, self.version, cfg.max_lag, cfg.micro_batch_size, self.algorithm.advantages)
+        m = StepMetrics()
+        m.add("samples_dropped", batch.dropped_stale + prepared.dropped_stale)
+        m.add("samples_empty", prepared.dropped_empty)
+        m.add("sequences", len(prepared.rewards))
+        m.add("reward_sum", float(prepared.rewards.sum()))
+        m.add("reward_sq_sum", float((prepared.rewards.astype("float64") ** 2).sum()))
+        m.add("completion_tokens", sum(mb.num_tokens for mb in prepared.micro_batches))
+        m.add("pad_tokens", prepared.pad_tokens)
+        m.add("real_tokens", prepared.real_tokens)
+        m.add("micro_batches_max", len(prepared.micro_batches))
+        totals = StepMetrics()
+        totals.add("tokens", m.sums["completion_tokens"])
+        totals.add("sequences", m.sums["sequences"])
+        totals.max("micro_batches", len(prepared.micro_batches))
+        totals = totals.reduce(self.device)
+        total_tokens = max(totals.sums["tokens"], 1.0)
+        total_sequences = max(totals.sums["sequences"], 1.0)
+        micro_batches = list(prepared.micro_batches)
+        filler = micro_batches[0] if micro_batches else _dummy_micro_batch()
+        while len(micro_batches) < int(totals.maxes["micro_batches"]):
+            micro_batches.append(filler.with_zero_weight())  # FSDP needs the same collectives on every rank
+
+        for mb in micro_batches:
+            self._micro_step(mb, total_tokens, total_sequences, m)
+
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.version += 1
+
+        g = m.reduce(self.device)
+        seconds = time.perf_counter() - started
+        self.dropped_total += int(g.sums["samples_dropped"])
+        record = self._record(g, grad_norm, seconds)
+        if self.writer is not None:
+            self.writer.write(record)
+            log.info("step", **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items() if not k.startswith("mixed_")})
+        return record
+
+    def _micro_step(self, mb: MicroBatch, total_tokens: float, total_sequences: float, m: StepMetrics) -> None:
+        device = self.device
+        positions = mb.logit_positions().to(device)
+        input_ids, attention_mask = mb.input_ids.to(device), mb.attention_mask.to(device)
+        logits = completion_logits(self.model, input_ids, attention_mask, positions)
+        logprobs, entropy = sequence_logprobs(logits, mb)
+        del logits
+        mask = mb.mask.to(device)
+        behaviour = mb.behaviour_logprobs.to(device)
+        # A behaviour token outside the learner's top-k/top-p set has logprob -inf: it cannot be
+        # scored, so it leaves the loss and is counted rather than turning the step into NaN.
+        supported = torch.isfinite(logprobs)
+        m.add("tokens_outside_support", float(((~supported) & (mask > 0)).sum()))
+        mask = mask * supported
+        logprobs = torch.where(supported, logprobs, torch.zeros_like(logprobs))
+        ref_logprobs = None
+        if self.ref_model is not None:
+            with torch.no_grad():
+                ref_logits = completion_logits(self.ref_model, input_ids, attention_mask, positions)
+                ref_logprobs = sequence_logprobs(ref_logits, mb)[0]
+                ref_logprobs = torch.where(torch.isfinite(ref_logprobs), ref_logprobs, logprobs.detach())
+        inp = LossInput(
+            logprobs=logprobs, old_logprobs=behaviour, advantages=mb.advantages.to(device), mask=mask,
+            ref_logprobs=ref_logprobs, total_tokens=total_tokens, total_sequences=total_sequences,
+        )
+        out = self.algorithm.loss(inp, self.params)
+        # Losses are normalised by the step's global totals; FSDP averages gradients over ranks,
+        # so scaling by world size turns that average into the sum the normalisation expects.
+        (out.loss * self.world_size).backward()
+
+        tokens = float(mask.sum())
+        m.add("loss", float(out.loss.detach()))
+        for name in _LOSS_METRICS:
+            value = out.metrics.get(name)
+            m.add(f"{name}_sum", float(value) * tokens if value is not None else 0.0)
+        self._token_metrics(mb, logprobs.detach(), behaviour, entropy, mask, m)
+
+    def _token_metrics(self, mb: MicroBatch, logprobs, behaviour, entropy, mask, m: StepMetrics) -> None:
+        """Entropy, mismatch KL, lag and parity: learner (before the update) vs behaviour logprobs."""
+        on = mask > 0
+        d = (logprobs - behaviour).cpu()
+        on_cpu = on.cpu()
+        m.add("entropy_sum", float((entropy * mask).sum()))
+        m.add("kl_new_old_sum", float(((torch.exp(d) - 1 - d) * on_cpu).sum()))
+        m.add("scored_tokens", float(on_cpu.sum()))
+        lag = self.version - mb.versions
+        if on_cpu.any():
+            m.min("lag_min", float(lag[on_cpu].min()))
+            m.max("lag_max", float(lag[on_cpu].max()))
+        m.add("lag_sum", float((lag * on_cpu).sum()))
+        # A sequence is "pure" when all its tokens come from one version; only pure lag-0 sequences
+        # are held to the parity floor (an in-flight update leaves old KV under new tokens).
+        big = torch.iinfo(torch.long).max
+        vmin = torch.where(on_cpu, mb.versions, big).min(-1).values
+        vmax = torch.where(on_cpu, mb.versions, -1).max(-1).values
+        pure = (vmin == vmax).unsqueeze(-1)
+        abs_d = d.abs()
+        lag0 = on_cpu & pure & (lag == 0)
+        m.add("parity_lag0_sum", float(abs_d[lag0].sum()))
+        m.add("parity_lag0_tokens", float(lag0.sum()))
+        m.max("parity_lag0_max", float(abs_d[lag0].max()) if lag0.any() else 0.0)
+        mixed = on_cpu & ~pure
+        for k in range(self.config.learner.max_lag + 1):
+            sel = mixed & (lag == k)
+            m.add(f"mixed_lag{k}_sum", float(abs_d[sel].sum()))
+            m.add(f"mixed_lag{k}_tokens", float(sel.sum()))
+
+    def _record(self, g: StepMetrics, grad_norm: float, seconds: float) -> dict:
+        n = g.sums["sequences"]
+        mean = g.sums["reward_sum"] / n if n else float("nan")
+        var = g.sums["reward_sq_sum"] / n - mean * mean if n else float("nan")
+        record = {
+            "step": self.version, "version": self.version,
+            "reward_mean": mean, "reward_std": math.sqrt(max(var, 0.0)) if n else float("nan"),
+            "loss": g.sums["loss"] / self.world_size if self.world_size else g.sums["loss"],
+            "pg_loss": g.ratio("pg_loss_sum", "scored_tokens"),
+            "kl_new_old": g.ratio("kl_new_old_sum", "scored_tokens"),
+            "clamp_log_ratio_new_old_indicator": g.ratio("clamp_log_ratio_new_old_indicator_sum", "scored_tokens"),
+            "entropy": g.ratio("entropy_sum", "scored_tokens"),
+            "grad_norm": grad_norm,
+            "lag_min": g.mins.get("lag_min", float("nan")), "lag_mean": g.ratio("lag_sum", "scored_tokens"),
+            "lag_max": g.maxes.get("lag_max", float("nan")),
+            "tokens_per_s": g.sums["completion_tokens"] / seconds,
+            "sequence_tokens_per_s": g.sums["real_tokens"] / seconds,
+            "pad_fraction": g.sums["pad_tokens"] / max(g.sums["pad_tokens"] + g.sums["real_tokens"], 1.0),
+            "samples": int(n), "samples_dropped": int(g.sums["samples_dropped"]), "samples_dropped_total": self.dropped_total,
+            "samples_empty": int(g.sums["samples_empty"]), "tokens_outside_support": int(g.sums["tokens_outside_support"]),
+            "parity_lag0_mean": g.ratio("parity_lag0_sum", "parity_lag0_tokens"),
+            "parity_lag0_max": g.maxes["parity_lag0_max"] if g.sums["parity_lag0_tokens"] else float("nan"), "parity_lag0_tokens": int(g.sums["parity_lag0_tokens"]),
+            "step_seconds": seconds,
+        }
+        if self.params.kl_coef > 0:
+            record["kl_ref"] = g.ratio("kl_ref_sum", "scored_tokens")
+        for k in range(self.config.learner.max_lag + 1):
+            if g.sums[f"mixed_lag{k}_tokens"]:
+                record[f"mixed_lag{k}_mean_abs_log_ratio"] = g.ratio(f"mixed_lag{k}_sum", f"mixed_lag{k}_tokens")
+                record[f"mixed_lag{k}_tokens"] = int(g.sums[f"mixed_lag{k}_tokens"])
+        return record
+
+    # ---- publishing and checkpoints -------------------------------------------------------------
+
+    def publish(self) -> PublishStats | None:
+        """Announce and broadcast the current version (collective; no-op without a publisher)."""
+        if self.publisher is None:
+            return None
+        stats = self.publisher.publish(self.version)
+        if self.rank == 0:
+            log.info("published", version=stats.version, epoch=stats.epoch, receivers=stats.receivers,
+                     mb=round(stats.bytes / 1e6, 3), seconds=round(stats.seconds, 4))
+        return stats
+
+    def maybe_publish(self) -> PublishStats | None:
+        """Publish if the version is on the publish interval, else serve a pending re-publish request."""
+        if self.publisher is None:
+            return None
+        if self.version % self.config.learner.publish_interval == 0:
+            return self.publish()
+        return self.publisher.serve_republish(self.version)
+
+    def save_checkpoint(self) -> Path:
+        return save_checkpoint(self.run_dir, self.version, self.model, self.optimizer, self.model_dir,
+                               self.body_dtype, self.fp32_lm_head)
+
+    def maybe_checkpoint(self) -> Path | None:
+        cfg = self.config.learner
+        due = (cfg.checkpoint_interval and self.version % cfg.checkpoint_interval == 0) or self.version == cfg.steps
+        return self.save_checkpoint() if due else None
+
+    def close(self) -> None:
+        if self.publisher is not None:
+            self.publisher.close()
