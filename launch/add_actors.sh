@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Add actors to a running tether system. They register with the broker, receive the current
+# weights at the next update epoch, and only then produce rollouts.
+#
+#   launch/add_actors.sh CONFIG COUNT [--first-index I] [--gpus 4,5] [broker.host=HOST key=value ...]
+#
+# Each actor runs in the foreground group of this script; Ctrl-C stops the ones it started.
+set -euo pipefail
+python=${PYTHON:-python}
+[[ $# -ge 2 ]] || { sed -n '2,8p' "$0" >&2; exit 2; }
+config=$1; count=$2; shift 2
+first=0; gpus=""; overrides=()
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --first-index) first=$2; shift 2 ;;
+    --gpus) gpus=$2; shift 2 ;;
+    *=*) overrides+=("$1"); shift ;;
+    *) echo "unknown argument: $1" >&2; exit 2 ;;
+  esac
+done
+host=$(hostname -s)
+IFS=, read -r -a gpu_list <<<"$gpus"
+pids=()
+trap 'kill -TERM "${pids[@]}" 2>/dev/null || true' INT TERM
+for ((i = 0; i < count; i++)); do
+  index=$((first + i)); gpu=${gpu_list[$i]:-}
+  env ${gpu:+CUDA_VISIBLE_DEVICES=$gpu} "$python" -m tether.actor --config "$config" \
+    "actor.actor_id=actor-$host-$index" "${overrides[@]}" &
+  pids+=($!)
+done
+wait
