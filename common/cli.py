@@ -14,6 +14,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "tiny-model": ("tether.common.tiny_model", "build the embedded tiny Qwen2 model and warm-start it"),
     "eval": ("tether.actor.evaluate", "greedy accuracy of a model on a task with real vLLM V1"),
     "demo": ("tether.launch.demo", "the embedded end-to-end job on the tiny model (README command 1)"),
+    "status": ("tether.broker.status", "the broker's live table: peers, versions, lag, buffer, rollouts/s"),
+    "keys": ("tether.broker.keys", "make ZeroMQ CURVE keys for the broker and its clients"),
 }
 
 
