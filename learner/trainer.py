@@ -249,7 +249,7 @@ class Learner:
         record = {
             "step": self.version, "version": self.version,
             "reward_mean": mean, "reward_std": math.sqrt(max(var, 0.0)) if n else float("nan"),
-            "loss": g.sums["loss"] / self.world_size if self.world_size else g.sums["loss"],
+            "loss": g.sums["loss"],  # each rank's share is already normalised by the global totals
             "pg_loss": g.ratio("pg_loss_sum", "scored_tokens"),
             "kl_new_old": g.ratio("kl_new_old_sum", "scored_tokens"),
             "clamp_log_ratio_new_old_indicator": g.ratio("clamp_log_ratio_new_old_indicator_sum", "scored_tokens"),
