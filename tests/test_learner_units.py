@@ -1,0 +1,96 @@
+"""Fast pieces of the learner: batching and staleness, sources, fp32 head, publisher wiring."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tether.common.messages import Rollout, SamplingSpec, float32_array, int32_array
+from tether.learner.algorithms.core import group_normalised_advantages
+from tether.learner.batch import keep_fresh, prepare_batch
+from tether.learner.source import FileBatchSource, InMemoryBatchSource, save_rollouts
+
+torch.set_num_threads(1)
+
+
+def _rollout(i, group, prompt_len, versions, reward=0.0):
+    n = len(versions)
+    return Rollout(
+        rollout_id=f"r{i}", group_id=f"g{group}", group_size=2, actor_id="a", task="t",
+        prompt_token_ids=int32_array(np.arange(1, prompt_len + 1)), completion_token_ids=int32_array(np.arange(10, 10 + n)),
+        logprobs=float32_array(-np.ones(n)), versions=int32_array(versions), reward=reward,
+        sampling=SamplingSpec(temperature=1.0, max_tokens=8), finish_reason="length",
+    )
+
+
+def test_stale_and_empty_rollouts_are_dropped_and_counted():
+    rollouts = [_rollout(0, 0, 2, [5, 5]), _rollout(1, 0, 2, [2, 6]), _rollout(2, 1, 2, [3, 3]), _rollout(3, 1, 2, [])]
+    kept, stale, empty = keep_fresh(rollouts, learner_version=6, max_lag=3)
+    # oldest token decides: versions [2, 6] has lag 4 > 3
+    assert [r.rollout_id for r in kept] == ["r0", "r2"] and stale == 1 and empty == 1
+
+
+def test_micro_batches_are_length_sorted_and_aligned():
+    rollouts = [_rollout(0, 0, 5, [0, 0, 0], 1.0), _rollout(1, 0, 1, [0], 0.0),
+                _rollout(2, 1, 2, [0, 0], 1.0), _rollout(3, 1, 3, [0, 0, 0, 0], 3.0)]
+    prepared = prepare_batch(rollouts, 0, 1, micro_batch_size=2, advantage_fn=group_normalised_advantages)
+    first, second = prepared.micro_batches
+    assert first.input_ids.shape == (2, 4) and second.input_ids.shape == (2, 8)  # lengths 2,4 | 7,8
+    assert prepared.pad_tokens == 2 + 1 and prepared.real_tokens == 21
+    # rollout 1 (prompt 1, completion [10]): its token is predicted by the logits at position 0
+    assert first.logit_positions()[0, 0].item() == 0 and first.completion_ids[0, 0].item() == 10
+    assert first.input_ids[0, 1].item() == 10 and first.mask[0].tolist() == [1.0, 0.0]
+    # advantages follow their rollouts through the sort: group 0 -> +1/-1, group 1 -> -1/+1
+    assert first.advantages.tolist() == pytest.approx([-1.0, -1.0], abs=1e-5)
+    assert second.advantages.tolist() == pytest.approx([1.0, 1.0], abs=1e-5)
+    assert second.with_zero_weight().num_tokens == 0
+
+
+def test_sources_keep_groups_whole_and_are_deterministic(tmp_path):
+    rollouts = [_rollout(i, i // 2, 2, [0]) for i in range(8)]  # 4 groups of 2
+    save_rollouts(tmp_path / "r.msgpack", rollouts)
+    source = FileBatchSource(tmp_path / "r.msgpack")
+    rank0 = source.next_batch(step=1, rank=0, world_size=2, size=4, learner_version=1, max_lag=1)
+    rank1 = source.next_batch(step=1, rank=1, world_size=2, size=4, learner_version=1, max_lag=1)
+    assert [r.group_id for r in rank0.rollouts] == ["g2", "g2"] and [r.group_id for r in rank1.rollouts] == ["g3", "g3"]
+    again = InMemoryBatchSource(rollouts).next_batch(step=1, rank=0, world_size=2, size=4, learner_version=1, max_lag=1)
+    assert [r.rollout_id for r in again.rollouts] == [r.rollout_id for r in rank0.rollouts]
+    with pytest.raises(ValueError, match="multiple of the group size"):
+        source.next_batch(step=0, rank=0, world_size=1, size=3, learner_version=0, max_lag=0)
+
+
+def test_fp32_head_computes_in_fp32_from_bf16_hidden_states():
+    from tether.learner.model import Fp32LMHead
+
+    head = Fp32LMHead(8, 5, bias=False)
+    hidden = torch.randn(3, 8).to(torch.bfloat16)
+    out = head(hidden)
+    assert out.dtype == torch.float32 and head.weight.dtype == torch.float32
+    torch.testing.assert_close(out, hidden.float() @ head.weight.detach().T, atol=0, rtol=0)
+
+
+def test_config_rejects_bad_learner_keys():
+    from tether.common.config import load_config
+    from tether.common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="learner.static_group"):
+        load_config(None, ["learner.publish_to=static", "learner.static_group=nohost"])
+    with pytest.raises(ConfigError, match="learner.publish_to"):
+        load_config(None, ["learner.publish_to=somewhere"])
+
+
+def test_publisher_skips_broadcast_without_receivers_and_names_hf_tensors():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from tether.learner.publish import StaticRendezvous, WeightPublisher
+
+    config = Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    model = Qwen2ForCausalLM(config)
+    publisher = WeightPublisher(model, rank=0, bucket_bytes=1024, body_dtype=torch.bfloat16, fp32_lm_head=True,
+                                rendezvous=StaticRendezvous("127.0.0.1", 1, world_size=1))
+    specs = {s.name: s for s in publisher.specs()}
+    assert specs["lm_head.weight"].dtype == "float32" and specs["model.layers.0.self_attn.q_proj.weight"].dtype == "bfloat16"
+    stats = publisher.publish(version=3)
+    assert stats.receivers == 0 and stats.bytes == 0 and stats.version == 3
