@@ -12,6 +12,11 @@ from dataclasses import dataclass
 from tether.common.config import EngineConfig, ModelConfig
 from tether.common.errors import ConfigError
 
+FP32_HEAD_QUANTIZATION = "tether_fp32_head"
+"""Name under which tether.actor.fp32_head registers its config with vLLM."""
+WORKER_EXTENSION = "tether.actor.worker_ext.TetherWorkerExtension"
+"""Mixed into every vLLM worker: weight receive and introspection methods (collective_rpc)."""
+
 
 @dataclass(frozen=True)
 class ParityRule:
@@ -58,10 +63,18 @@ def resolve_dtype(model: ModelConfig, device: str) -> str:
 
 
 def engine_kwargs(engine: EngineConfig, model: ModelConfig, model_path: str, device: str = "cpu") -> dict:
-    """Keyword arguments for vllm.LLM / AsyncEngineArgs with every numerics setting explicit."""
+    """Keyword arguments for vllm.LLM / AsyncEngineArgs with every numerics setting explicit.
+
+    With `model.fp32_lm_head` the head gets true fp32 weights and an fp32 matmul through the
+    quantization config registered by tether.actor.fp32_head (import it before starting an engine;
+    tether.actor.engine does). The worker extension is always installed, so every engine can take
+    in-flight weight updates.
+    """
     if device == "cpu":
         # vLLM's CPU backend sizes its KV cache from this variable (GiB); spawned workers inherit it.
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, round(engine.kv_cache_space_gib)))
+        # Read by tether.actor.worker_ext inside the spawned workers (see EngineConfig.cpu_allow_amx).
+        os.environ["TETHER_CPU_DISABLE_AMX"] = "0" if engine.cpu_allow_amx else "1"
     return dict(
         model=model_path,
         tokenizer=model_path,
@@ -78,4 +91,6 @@ def engine_kwargs(engine: EngineConfig, model: ModelConfig, model_path: str, dev
         max_model_len=engine.max_model_len,
         gpu_memory_utilization=engine.gpu_memory_utilization,
         tensor_parallel_size=engine.tensor_parallel_size,
+        quantization=FP32_HEAD_QUANTIZATION if model.fp32_lm_head else None,
+        worker_extension_cls=WORKER_EXTENSION,
     )

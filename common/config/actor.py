@@ -48,6 +48,8 @@ class EngineConfig(Section):
     """vLLM workers per actor; each joins the weight group as its own rank."""
     allow_parity_break: bool = False
     """Start even if a parity key is changed (for diagnosis, e.g. `tether parity`)."""
+    cpu_allow_amx: bool = False
+    """CPU only: let vLLM use its AMX kernels (bf16). Off by default because they die with SIGILL where the OS does not grant AMX tile state (sandboxed VMs); the engine report shows the attention kernel in use."""
 
     def __post_init__(self) -> None:
         self.require_choice("logprobs_mode", LOGPROBS_MODES)
