@@ -2,14 +2,14 @@
 
 Sampling replays the actor's processing (tether.learner.logprobs: temperature, top-k, top-p) and
 records each token's processed logprob, so the rollouts are what an actor at `version` would send.
-The reward is a toy one with signal: the fraction of completion tokens equal to `target_token`.
+The reward is a toy one with signal: the fraction of completion tokens equal to `target_token`, or,
+without one, the fraction of completion tokens that are ASCII bytes (< 128).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-
 from tether.common.messages import Rollout, SamplingSpec, float32_array, int32_array
 from tether.learner.logprobs import process_logits
 
@@ -24,7 +24,7 @@ def sample_rollouts(
     max_tokens: int = 8,
     sampling: SamplingSpec | None = None,
     version: int = 0,
-    target_token: int = 49,
+    target_token: int | None = None,
     vocab_limit: int = 256,
     seed: int = 0,
 ) -> list[Rollout]:
@@ -49,7 +49,7 @@ def sample_rollouts(
                 rollout_id=f"r{seed}-{g}-{i}", group_id=f"g{seed}-{g}", group_size=group_size, actor_id="synthetic",
                 task="synthetic", prompt_token_ids=int32_array(prompt.numpy()), completion_token_ids=int32_array(completion),
                 logprobs=float32_array(np.minimum(logprobs[i].numpy(), 0.0)),
-                versions=int32_array(np.full(max_tokens, version)), reward=float(np.mean(completion == target_token)),
+                versions=int32_array(np.full(max_tokens, version)), reward=float(np.mean(completion == target_token) if target_token is not None else np.mean(completion < 128)),
                 sampling=sampling, finish_reason="length",
             ))
     return rollouts

@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
 from tether.common.config import RunConfig
 from tether.common.logging import get_logger
 from tether.learner.algorithms import LossInput, LossParams, get_algorithm
@@ -157,12 +156,23 @@ class Learner:
         while len(micro_batches) < int(totals.maxes["micro_batches"]):
             micro_batches.append(filler.with_zero_weight())  # FSDP needs the same collectives on every rank
 
+        # Every rank reports every key, even with nothing to train on (the reduction packs by name).
+        for name in ("loss", "entropy_sum", "kl_new_old_sum", "scored_tokens", "lag_sum", "parity_lag0_sum",
+                     "parity_lag0_tokens", "tokens_outside_support", *(f"{n}_sum" for n in _LOSS_METRICS),
+                     *(f"mixed_lag{k}_{s}" for k in range(cfg.max_lag + 1) for s in ("sum", "tokens"))):
+            m.add(name, 0.0)
+        m.max("parity_lag0_max", 0.0)
         for mb in micro_batches:
             self._micro_step(mb, total_tokens, total_sequences, m)
 
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        self.optimizer.step()
+        if totals.sums["tokens"] > 0:
+            self.optimizer.step()
+        else:
+            # Nothing trainable (all stale or empty): no update, but the version still advances so a
+            # fixed-step loop ends; the drops are in the metrics.
+            log.warning("empty step: every sample was dropped", version=self.version + 1)
         self.optimizer.zero_grad(set_to_none=True)
         self.version += 1
 

@@ -6,10 +6,12 @@ import math
 
 import pytest
 import torch
-
 from tether.learner.algorithms import LossInput, LossParams, available_algorithms, get_algorithm
 from tether.learner.algorithms.core import (
-    group_centred_advantages, group_normalised_advantages, kl_k3, leave_one_out_advantages,
+    group_centred_advantages,
+    group_normalised_advantages,
+    kl_k3,
+    leave_one_out_advantages,
 )
 
 torch.set_num_threads(1)

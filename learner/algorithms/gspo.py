@@ -8,10 +8,16 @@ e.g. clip_low=3e-4, clip_high=4e-4). Each token carries its sequence's loss, so
 from __future__ import annotations
 
 import torch
-
 from tether.learner.algorithms.core import (
-    Algorithm, LossInput, LossOutput, LossParams, add_kl_penalty, aggregate, clipped_surrogate,
-    group_normalised_advantages, masked_mean,
+    Algorithm,
+    LossInput,
+    LossOutput,
+    LossParams,
+    add_kl_penalty,
+    aggregate,
+    clipped_surrogate,
+    group_normalised_advantages,
+    masked_mean,
 )
 
 

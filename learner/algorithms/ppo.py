@@ -8,10 +8,16 @@ scaling of GRPO.
 from __future__ import annotations
 
 import torch
-
 from tether.learner.algorithms.core import (
-    Algorithm, LossInput, LossOutput, LossParams, add_kl_penalty, aggregate, clipped_surrogate,
-    group_centred_advantages, masked_mean,
+    Algorithm,
+    LossInput,
+    LossOutput,
+    LossParams,
+    add_kl_penalty,
+    aggregate,
+    clipped_surrogate,
+    group_centred_advantages,
+    masked_mean,
 )
 
 

@@ -7,8 +7,15 @@ importance weight corrects for tokens sampled by older weights (w = 1 when tis_c
 from __future__ import annotations
 
 from tether.learner.algorithms.core import (
-    Algorithm, LossInput, LossOutput, LossParams, add_kl_penalty, aggregate, leave_one_out_advantages,
-    masked_mean, truncated_is_weight,
+    Algorithm,
+    LossInput,
+    LossOutput,
+    LossParams,
+    add_kl_penalty,
+    aggregate,
+    leave_one_out_advantages,
+    masked_mean,
+    truncated_is_weight,
 )
 
 
