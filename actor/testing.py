@@ -52,3 +52,61 @@ def perturbed_state(state: dict[str, torch.Tensor], scale: float, seed: int) -> 
     """Every tensor times (1 + scale * noise): new weights whose outputs clearly differ."""
     gen = torch.Generator().manual_seed(seed)
     return {name: tensor * (1 + scale * torch.randn(tensor.shape, generator=gen)) for name, tensor in state.items()}
+
+
+def load_reference_model(model_dir: str | Path, body_dtype: torch.dtype = torch.float32, fp32_head: bool = True,
+                         state: dict[str, torch.Tensor] | None = None):
+    """A plain transformers model as the independent reference: body in `body_dtype`, head fp32
+    (from the checkpoint's fp32 weights) when `fp32_head`, else in `body_dtype` like the body."""
+    from transformers import Qwen2ForCausalLM
+
+    model = Qwen2ForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if state is not None:
+        model.load_state_dict(state)
+    head_weight = model.lm_head.weight.detach().clone()
+    model = model.to(body_dtype)
+    if fp32_head:
+        model.lm_head = torch.nn.Linear(head_weight.shape[1], head_weight.shape[0], bias=False)
+        model.lm_head.weight.data.copy_(head_weight)
+    return model.eval()
+
+
+def _head_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    weight = model.lm_head.weight
+    return torch.nn.functional.linear(hidden.to(weight.dtype), weight).float()
+
+
+@torch.no_grad()
+def reference_logprobs(model, prompt: list[int], completion: list[int], temperature: float, top_k: int = 0,
+                       top_p: float = 1.0, processed: bool = True) -> torch.Tensor:
+    """Logprob of each completion token: one teacher-forced forward, logits processed as the learner does."""
+    from tether.learner.logprobs import processed_logprobs
+
+    ids = torch.tensor([prompt + completion])
+    hidden = model.model(input_ids=ids).last_hidden_state[0]
+    logits = _head_logits(model, hidden[len(prompt) - 1: len(prompt) + len(completion) - 1])
+    targets = torch.tensor(completion)
+    if not processed:
+        return torch.log_softmax(logits, -1).gather(-1, targets[:, None])[:, 0]
+    return processed_logprobs(logits, targets, temperature, top_k, top_p)
+
+
+@torch.no_grad()
+def mixed_kv_logprobs(old_model, new_model, prompt: list[int], completion: list[int], switch: int,
+                      temperature: float, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Logprobs of completion[switch:] computed by `new_model` on top of KV written by `old_model`.
+
+    This is what an in-flight update with the KV cache kept does: the old weights wrote the KV of the
+    prompt and of completion[:switch-1]; the first step after the update feeds completion[switch-1]
+    through the new weights, whose logits give completion[switch], and so on.
+    """
+    from tether.learner.logprobs import processed_logprobs
+
+    if switch < 1:
+        raise ValueError("switch must be >= 1 (the first completion token comes from the prefill)")
+    prefix = torch.tensor([prompt + completion[:switch - 1]])
+    cache = old_model.model(input_ids=prefix, use_cache=True).past_key_values
+    rest = torch.tensor([completion[switch - 1:-1]])
+    hidden = new_model.model(input_ids=rest, past_key_values=cache, use_cache=True).last_hidden_state[0]
+    logits = _head_logits(new_model, hidden)
+    return processed_logprobs(logits, torch.tensor(completion[switch:]), temperature, top_k, top_p)

@@ -1,0 +1,198 @@
+"""The actor engine against real vLLM V1 (fp32): parity settings, logprob semantics, in-flight updates.
+
+One engine for the whole module (start-up costs ~20-30 s); the in-flight update test runs last
+because it changes the engine's weights.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing as mp
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+from tether.actor.engine import ActorEngine
+from tether.actor.engine_args import check_parity
+from tether.actor.testing import (build_random_qwen2, load_reference_model, load_state, mixed_kv_logprobs,
+                                  perturbed_state, reference_logprobs)
+from tether.common.config import EngineConfig, ModelConfig
+from tether.common.errors import ConfigError
+from tether.common.messages import WeightsAnnounce
+from tether.common.weight_group import tensor_specs
+
+pytestmark = pytest.mark.slow
+
+T, TOP_K, TOP_P = 0.7, 20, 0.9
+PROMPTS = [[(7 * i + j * 13) % 250 + 3 for j in range(5 + i % 4)] for i in range(12)]
+
+
+def _params(seed: int, max_tokens: int = 24, **extra):
+    from vllm import SamplingParams
+
+    return SamplingParams(temperature=T, top_k=TOP_K, top_p=TOP_P, max_tokens=max_tokens, logprobs=0,
+                          seed=seed, **extra)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_random_qwen2(tmp_path_factory.mktemp("rq2-fp32"), seed=0)
+
+
+@pytest.fixture(scope="module")
+def loop():
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(scope="module")
+def engine(loop, model_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("run")
+    config = EngineConfig(max_num_seqs=32, max_num_batched_tokens=512, max_model_len=256)
+    eng = loop.run_until_complete(ActorEngine.start(config, ModelConfig(dtype="float32"), str(model_dir),
+                                                    run_dir=run_dir, initial_version=0, weight_timeout_s=60))
+    eng.run_dir = run_dir
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def completions(loop, engine):
+    async def run():
+        return await asyncio.gather(*[engine.generate(p, _params(seed=100 + i)) for i, p in enumerate(PROMPTS)])
+    return loop.run_until_complete(run())
+
+
+def test_parity_gate_names_the_setting():
+    with pytest.raises(ConfigError, match="enable_prefix_caching.*KV computed by older weights"):
+        check_parity(EngineConfig(enable_prefix_caching=True))
+    assert check_parity(EngineConfig(enable_prefix_caching=True, allow_parity_break=True))
+
+
+def test_engine_report_reads_effective_settings(engine, model_dir):
+    report = json.loads((engine.run_dir / "engine_report.json").read_text())
+    eff = report["effective"]
+    assert eff["logprobs_mode"] == "processed_logprobs"
+    assert eff["enable_prefix_caching"] is False and eff["async_scheduling"] is False
+    assert eff["generation_config"] == "vllm" and eff["dtype"] == "float32" and eff["seed"] == 0
+    assert eff["max_num_seqs"] == 32 and eff["max_num_batched_tokens"] == 512
+    assert report["parity"]["effective_violations"] == []
+    # generation_config.json has eos 256 and sampling defaults: eos stays a stop token, sampling is ignored.
+    assert report["generation_config_json"]["extra_stop_token_ids"] == [256]
+    assert report["generation_config_json"]["sampling_defaults_applied"] == {}
+    assert "temperature" in report["generation_config_json"]["ignored_sampling_fields"]
+    head = report["lm_head"][0]
+    assert head["weight_dtype"] == "float32" and head["method"] == "Fp32LMHeadMethod"
+    assert head["weight_shape"] == [320, 128]  # vocab 257 padded to a multiple of 64
+
+
+def test_a_processed_logprobs_match_transformers_reference(completions, model_dir):
+    ref_model = load_reference_model(model_dir, torch.float32)
+    diffs = []
+    for c in completions:
+        assert (c.versions == 0).all()
+        ref = reference_logprobs(ref_model, c.prompt_token_ids, c.token_ids, T, TOP_K, TOP_P).numpy()
+        diffs.append(np.abs(ref - c.logprobs))
+    diffs = np.concatenate(diffs)
+    print(f"\n[parity a] fp32 processed logprobs vs transformers: n={diffs.size} "
+          f"mean|d|={diffs.mean():.3e} max|d|={diffs.max():.3e}")
+    assert diffs.size >= 100
+    assert diffs.mean() < 1e-6 and diffs.max() < 1e-5
+
+
+def test_c_raw_and_processed_differ_at_t07_top_p(completions, model_dir):
+    ref_model = load_reference_model(model_dir, torch.float32)
+    raw_diffs = []
+    for c in completions:
+        raw = reference_logprobs(ref_model, c.prompt_token_ids, c.token_ids, T, processed=False).numpy()
+        raw_diffs.append(np.abs(raw - c.logprobs))
+    raw_diffs = np.concatenate(raw_diffs)
+    print(f"\n[parity c] engine logprobs vs raw (unprocessed) reference: mean|d|={raw_diffs.mean():.3e}")
+    assert raw_diffs.mean() > 0.1
+
+
+def _sender_main(port: int, epoch: int, state_path: str, bucket_bytes: int) -> None:
+    from tether.common.weight_group import WeightSender, join_weight_group
+
+    torch.set_num_threads(1)
+    state = torch.load(state_path)
+    with join_weight_group("127.0.0.1", port, epoch, 0, 2, backend="gloo", timeout_s=60) as group:
+        WeightSender(group, bucket_bytes).broadcast(list(state.items()))
+
+
+def test_d_inflight_update_mid_generation(loop, engine, model_dir, tmp_path):
+    from torch.distributed import TCPStore
+    from vllm.sampling_params import RequestOutputKind
+
+    old_state = load_state(model_dir)
+    new_state = perturbed_state(old_state, scale=0.3, seed=1)
+    torch.save(new_state, tmp_path / "new.pt")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)  # the broker's store
+    bucket_bytes = 64 * 1024
+    announce = WeightsAnnounce(version=1, epoch=1, tensors=tensor_specs(new_state.items()), bucket_bytes=bucket_bytes,
+                               group_host="127.0.0.1", group_port=port, group_world_size=2, first_rank=1)
+    n_tokens = 40
+    counts = [0] * len(PROMPTS)
+
+    async def one(i, prompt):
+        from tether.actor.engine import completion_from_output
+
+        params = _params(seed=200 + i, max_tokens=n_tokens, ignore_eos=True)
+        params.output_kind = RequestOutputKind.CUMULATIVE
+        final = None
+        async for final in engine.stream(prompt, params, f"upd-{i}"):
+            counts[i] = len(final.outputs[0].token_ids)
+        return completion_from_output(final)
+
+    async def run():
+        tasks = [asyncio.ensure_future(one(i, p)) for i, p in enumerate(PROMPTS)]
+        while min(counts) < 4:  # every request is past its prefill and a few tokens in
+            await asyncio.sleep(0.005)
+        sender = mp.get_context("spawn").Process(target=_sender_main,
+                                                  args=(port, 1, str(tmp_path / "new.pt"), bucket_bytes))
+        sender.start()
+        result = await engine.update_weights(announce)
+        done = await asyncio.gather(*tasks)
+        sender.join(60)
+        return result, done, sender.exitcode
+
+    result, done, exitcode = loop.run_until_complete(run())
+    del store
+    assert exitcode == 0 and engine.version == 1 and engine.healthy
+    print(f"\n[update] pause {result.pause_s:.3f}s rpc {result.rpc_s:.3f}s transfer {result.transfer_s:.3f}s "
+          f"{result.bytes / 1e6:.2f} MB {result.mb_per_s:.1f} MB/s")
+    old_model = load_reference_model(model_dir, torch.float32)
+    new_model = load_reference_model(model_dir, torch.float32, state=new_state)
+    after, after_old, before, switched = [], [], [], 0
+    for c in done:
+        assert len(c.token_ids) == n_tokens and c.finish_reason == "length"  # nothing aborted
+        changes = np.flatnonzero(np.diff(c.versions))
+        assert len(changes) <= 1 and set(c.versions.tolist()) <= {0, 1}
+        k = int(np.argmax(c.versions == 1)) if (c.versions == 1).any() else n_tokens
+        assert (c.versions[:k] == 0).all() and (c.versions[k:] == 1).all()
+        assert k >= 4  # the update came after each request had 4 tokens
+        ref_before = reference_logprobs(old_model, c.prompt_token_ids, c.token_ids[:k], T, TOP_K, TOP_P).numpy()
+        before.append(np.abs(ref_before - c.logprobs[:k]))
+        if k < n_tokens:
+            switched += 1
+            mixed = mixed_kv_logprobs(old_model, new_model, c.prompt_token_ids, c.token_ids, k, T, TOP_K, TOP_P).numpy()
+            after.append(np.abs(mixed - c.logprobs[k:]))
+            old_only = reference_logprobs(old_model, c.prompt_token_ids, c.token_ids, T, TOP_K, TOP_P).numpy()[k:]
+            after_old.append(np.abs(old_only - c.logprobs[k:]))
+    assert switched == len(done)  # every request spans the update
+    before, after, after_old = (np.concatenate(x) for x in (before, after, after_old))
+    print(f"[parity d] before update vs old weights: mean {before.mean():.3e} max {before.max():.3e}; "
+          f"after vs new-on-old-KV: mean {after.mean():.3e} max {after.max():.3e}; "
+          f"after vs old weights alone: median {np.median(after_old):.3e}, "
+          f"{np.isinf(after_old).mean():.0%} of tokens impossible under the old weights' top-k/top-p")
+    # Same fp32 floor as test (a), with headroom for the longer sequences (40 tokens, batch of 12).
+    assert before.mean() < 5e-6 and before.max() < 5e-5
+    assert after.mean() < 5e-6 and after.max() < 5e-5
+    assert np.median(after_old) > 1e-2  # inf where the old weights could not have sampled the token
