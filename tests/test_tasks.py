@@ -28,9 +28,9 @@ def test_arithmetic_prompts_are_correct_sums_and_reward_is_exact_match():
     assert task.name == "arithmetic"
     for prompt in itertools.islice(task.train_prompts(seed=0), 200):
         a, b = prompt.text.removesuffix("=").split("+")
-        assert 10 <= int(a) <= 99 and 10 <= int(b) <= 99
+        assert 10 <= int(a) <= 49 and 10 <= int(b) <= 49
         assert prompt.answer == str(int(a) + int(b))
-    prompt = Prompt(prompt_id="37+48", text="37+48=", answer="85")
+    prompt = Prompt(prompt_id="37+48", text="37+48=", answer="85")  # any answer text works
     assert task.reward(prompt, "85") == 1.0
     assert task.reward(prompt, " 85\n") == 1.0
     assert task.reward(prompt, "84") == 0.0

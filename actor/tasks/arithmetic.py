@@ -1,11 +1,13 @@
-"""The toy arithmetic task: "a+b=" -> "c", exact-match reward.
+"""The toy arithmetic task: "a+b=" -> "c" (e.g. "23+41=" -> "64"), exact-match reward.
 
 This is what the embedded tiny model is warm-started on (tether.common.tiny_model), so the
 prompt format here is the one the model knows. Options (TaskConfig.options, all strings):
 
-- min_operand (default 10), max_operand (default 99): operands are drawn uniformly from
-  [min_operand, max_operand]. The defaults give 2-digit addition with both operands exactly
-  two digits wide, so every digit sits at a fixed position (which a tiny model learns far faster).
+- min_operand (default 10), max_operand (default 49): operands are drawn uniformly from
+  [min_operand, max_operand]. The defaults give 2-digit addition whose operands and sums are
+  all exactly two digits wide (1600 problems), so every digit sits at a fixed position. Measured
+  on the tiny model: with operands 10..99 (sums of 2 or 3 digits) a 500-step warm start stays
+  near 10% held-out accuracy; with 10..49 it passes 30% within 200 steps.
 - ops (default "+"): operators to draw from, any of "+", "-", "*".
 
 The held-out set is `task.eval_size` distinct problems drawn with `task.seed`; training prompts
@@ -44,7 +46,7 @@ class ArithmeticTask(Task):
             raise ConfigError(f"task.options: unknown option(s) {sorted(unknown)} for task arithmetic "
                               "(known: max_operand, min_operand, ops)")
         self.min_operand = _int_option(config, "min_operand", 10)
-        self.max_operand = _int_option(config, "max_operand", 99)
+        self.max_operand = _int_option(config, "max_operand", 49)
         if not 0 <= self.min_operand <= self.max_operand:
             raise ConfigError(f"task.options: need 0 <= min_operand <= max_operand "
                               f"(got {self.min_operand}, {self.max_operand})")
