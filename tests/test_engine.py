@@ -115,6 +115,55 @@ def test_c_raw_and_processed_differ_at_t07_top_p(completions, model_dir):
     assert raw_diffs.mean() > 0.1
 
 
+class _SlowAckSink:
+    """In-process stand-in for BrokerClient: holds rollouts unacked until capacity is asked for."""
+
+    def __init__(self, max_unacked: int):
+        self.max_unacked, self.unacked, self.received, self.peak = max_unacked, [], [], 0
+
+    def send_rollouts(self, rollouts):
+        from tether.common.peer import Backpressure
+
+        if len(self.unacked) + len(rollouts) > self.max_unacked:
+            raise Backpressure("full")
+        self.unacked += rollouts
+        self.received += rollouts
+        self.peak = max(self.peak, len(self.unacked))
+
+    def wait_for_capacity(self, n=1, timeout=10.0):
+        if self.unacked:  # the "broker" acks the oldest rollout each time someone waits
+            self.unacked.pop(0)
+        return len(self.unacked) + n <= self.max_unacked
+
+    def unacked_count(self):
+        return len(self.unacked)
+
+
+def test_rollout_pump_groups_rewards_and_backpressure(loop, engine, model_dir):
+    from transformers import AutoTokenizer
+
+    from tether.actor.rollouts import GroupGenerator, RolloutPump
+    from tether.actor.tasks import build_task
+    from tether.common.config import SamplingConfig, TaskConfig
+
+    task = build_task(TaskConfig(name="arithmetic"))
+    sampling = SamplingConfig(temperature=T, top_k=TOP_K, top_p=TOP_P, max_tokens=6, group_size=4)
+    sink = _SlowAckSink(max_unacked=8)
+    generator = GroupGenerator(engine, task, AutoTokenizer.from_pretrained(model_dir), sampling, "actor-test")
+    pump = RolloutPump(generator, sink, max_groups_in_flight=2, capacity_poll_s=0.01)
+    loop.run_until_complete(pump.run(task.train_prompts(seed=0), max_groups=5))
+    assert pump.groups_done == 5 and len(sink.received) == 20
+    assert sink.peak <= 8  # never more unacked than the sink allows
+    groups = {}
+    for r in sink.received:
+        groups.setdefault(r.group_id, []).append(r)
+        assert r.group_size == 4 and r.reward in (0.0, 1.0) and r.actor_id == "actor-test"
+        assert r.num_completion_tokens == r.logprobs.shape[0] == r.versions.shape[0] >= 1
+        assert (r.versions.numpy() == engine.version).all()
+    assert sorted(len(g) for g in groups.values()) == [4] * 5
+    assert len({r.rollout_id for r in sink.received}) == 20
+
+
 def _sender_main(port: int, epoch: int, state_path: str, bucket_bytes: int) -> None:
     from tether.common.weight_group import WeightSender, join_weight_group
 

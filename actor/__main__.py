@@ -1,0 +1,50 @@
+"""`python -m tether.actor --config FILE key=value ...`: run one actor daemon."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Load the config, build or locate the model, connect to the broker and run the actor."""
+    parser = argparse.ArgumentParser(prog="python -m tether.actor", description=__doc__)
+    parser.add_argument("--config", default=None, help="YAML run config")
+    parser.add_argument("--max-groups", type=int, default=None, help="stop after this many groups (default: run forever)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    args = parser.parse_args(argv)
+
+    from tether.actor.daemon import ActorDaemon, default_actor_id
+    from tether.actor.tasks import build_task
+    from tether.common.config.loader import load_config, save_resolved
+    from tether.common.logging import configure_logging
+    from tether.common.peer import BrokerClient
+
+    config = load_config(args.config, args.overrides)
+    configure_logging("actor", config.run.dir, config.run.log_level)
+    save_resolved(config, config.run.dir, "actor")
+    model_path = config.model.path
+    if not model_path:
+        from tether.common.tiny_model import build_tiny_model
+
+        model_path = str(Path(config.run.dir) / "tiny-model")
+        if not (Path(model_path) / "config.json").is_file():
+            build_tiny_model(model_path, seed=config.run.seed)
+    actor_id = config.actor.actor_id or default_actor_id()
+    client = BrokerClient.from_config(config.broker, peer_id=actor_id, role="actor",
+                                      worker_count=config.actor.engine.tensor_parallel_size,
+                                      max_unacked=config.actor.max_unacked_rollouts,
+                                      resend_interval_s=config.actor.resend_interval_s).start()
+    daemon = ActorDaemon(config, model_path, client, build_task(config.task))
+    try:
+        asyncio.run(daemon.run(args.max_groups))
+    finally:
+        daemon.shutdown()
+        client.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

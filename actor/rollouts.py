@@ -1,0 +1,142 @@
+"""Rollout groups: n completions per prompt, scored by the task, packed as wire Rollouts.
+
+Bounded work in flight: `RolloutPump` starts at most `max_groups_in_flight` groups at once and waits
+for the sink's capacity (unacked rollouts below the limit) before starting a group, so a slow broker
+or learner slows generation instead of growing memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Protocol
+
+import numpy as np
+
+from tether.actor.engine import ActorEngine, Completion
+from tether.actor.tasks import Prompt, Task
+from tether.common.config import SamplingConfig
+from tether.common.logging import get_logger
+from tether.common.messages import Array, Rollout, SamplingSpec
+
+log = get_logger(__name__)
+
+
+class RolloutSink(Protocol):
+    """Where rollouts go (BrokerClient implements it): kept until acked, with a bounded unacked count."""
+
+    def send_rollouts(self, rollouts: list[Rollout]) -> None: ...
+
+    def wait_for_capacity(self, n: int = 1, timeout: float = 10.0) -> bool: ...
+
+    def unacked_count(self) -> int: ...
+
+
+def sampling_params(sampling: SamplingConfig, seed: int):
+    """vLLM SamplingParams for one completion; logprobs=0 returns the sampled token's processed logprob."""
+    from vllm import SamplingParams
+
+    return SamplingParams(n=1, temperature=sampling.temperature, top_k=sampling.top_k or 0, top_p=sampling.top_p,
+                          max_tokens=sampling.max_tokens, logprobs=0, seed=seed)
+
+
+def to_rollout(completion: Completion, *, group_id: str, group_size: int, actor_id: str, task: str,
+               reward: float, sampling: SamplingConfig, seed: int) -> Rollout:
+    finish = completion.finish_reason if completion.finish_reason in ("stop", "length", "abort") else "stop"
+    return Rollout(
+        rollout_id=uuid.uuid4().hex, group_id=group_id, group_size=group_size, actor_id=actor_id, task=task,
+        prompt_token_ids=Array.from_numpy(np.asarray(completion.prompt_token_ids, dtype=np.int32)),
+        completion_token_ids=Array.from_numpy(np.asarray(completion.token_ids, dtype=np.int32)),
+        logprobs=Array.from_numpy(np.minimum(completion.logprobs.astype(np.float32), 0.0)),
+        versions=Array.from_numpy(completion.versions.astype(np.int32)),
+        reward=float(reward),
+        sampling=SamplingSpec(temperature=sampling.temperature, max_tokens=sampling.max_tokens,
+                              top_k=sampling.top_k, top_p=sampling.top_p, seed=seed),
+        finish_reason=finish, created_at=time.time(),
+    )
+
+
+class GroupGenerator:
+    """Generates one group (group_size completions of a prompt) and scores it with the task."""
+
+    def __init__(self, engine: ActorEngine, task: Task, tokenizer, sampling: SamplingConfig, actor_id: str,
+                 seed: int = 0):
+        self.engine, self.task, self.tokenizer = engine, task, tokenizer
+        self.sampling, self.actor_id = sampling, actor_id
+        self._seed = seed * 1_000_003  # per-completion seeds: distinct, reproducible for a given actor seed
+
+    def _next_seed(self) -> int:
+        self._seed += 1
+        return self._seed % (1 << 63)
+
+    async def generate(self, prompt: Prompt) -> list[Rollout]:
+        prompt_ids = self.tokenizer(prompt.text, add_special_tokens=False)["input_ids"]
+        group_id = f"{self.actor_id}-{uuid.uuid4().hex[:12]}"
+        seeds = [self._next_seed() for _ in range(self.sampling.group_size)]
+        completions = await asyncio.gather(*[
+            self.engine.generate(prompt_ids, sampling_params(self.sampling, seed)) for seed in seeds
+        ])
+        return [
+            to_rollout(c, group_id=group_id, group_size=self.sampling.group_size, actor_id=self.actor_id,
+                       task=self.task.name or "task", reward=self.task.reward(prompt, c.text),
+                       sampling=self.sampling, seed=seed)
+            for c, seed in zip(completions, seeds)
+        ]
+
+
+class RolloutPump:
+    """Keeps up to `max_groups_in_flight` groups generating and hands finished groups to the sink."""
+
+    def __init__(self, generator: GroupGenerator, sink: RolloutSink, max_groups_in_flight: int,
+                 capacity_poll_s: float = 0.5):
+        self.generator, self.sink = generator, sink
+        self.max_groups_in_flight = max_groups_in_flight
+        self.capacity_poll_s = capacity_poll_s
+        self.groups_done = 0
+        self.rollouts_sent = 0
+        self.in_flight = 0
+
+    async def _send(self, rollouts: list[Rollout]) -> None:
+        from tether.common.peer import Backpressure
+
+        while True:
+            try:
+                await asyncio.to_thread(self.sink.send_rollouts, rollouts)
+                return
+            except Backpressure:
+                await asyncio.to_thread(self.sink.wait_for_capacity, len(rollouts), self.capacity_poll_s)
+
+    async def run(self, prompts: Iterator[Prompt], max_groups: int | None = None) -> None:
+        """Generate groups from `prompts` until exhausted or `max_groups` are sent."""
+        slots = asyncio.Semaphore(self.max_groups_in_flight)
+        group_size = self.generator.sampling.group_size
+        pending: set[asyncio.Task] = set()
+        started = 0
+
+        async def one(prompt: Prompt) -> None:
+            try:
+                rollouts = await self.generator.generate(prompt)
+                await self._send(rollouts)
+                self.groups_done += 1
+                self.rollouts_sent += len(rollouts)
+            finally:
+                self.in_flight -= 1
+                slots.release()
+
+        for prompt in prompts:
+            if max_groups is not None and started >= max_groups:
+                break
+            await slots.acquire()
+            # Backpressure: do not start generating what the sink could not take now.
+            while not await asyncio.to_thread(self.sink.wait_for_capacity,
+                                              group_size * (self.in_flight + 1), self.capacity_poll_s):
+                pass
+            self.in_flight += 1
+            started += 1
+            task = asyncio.ensure_future(one(prompt))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+        if pending:
+            await asyncio.gather(*pending)
