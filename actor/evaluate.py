@@ -57,6 +57,8 @@ def start_engine(model_dir: str | Path, engine_cfg: EngineConfig, model_cfg: Mod
     check_parity(engine_cfg)
     from vllm import LLM
 
+    import tether.actor.fp32_head  # noqa: F401  registers the fp32 head quantization engine_kwargs may name
+
     return LLM(**engine_kwargs(engine_cfg, model_cfg, str(model_dir), device=resolve_device(device)))
 
 
