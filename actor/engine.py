@@ -21,7 +21,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-
 from tether.actor.engine_args import PARITY_RULES, check_parity, engine_kwargs
 from tether.common.config import EngineConfig, ModelConfig
 from tether.common.errors import ConfigError

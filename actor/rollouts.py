@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from typing import Protocol
 
 import numpy as np
-
 from tether.actor.engine import ActorEngine, Completion
 from tether.actor.tasks import Prompt, Task
 from tether.common.config import SamplingConfig

@@ -29,7 +29,6 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-
 from tether.common.messages import TensorSpec
 
 ALIGN = 64

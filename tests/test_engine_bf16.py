@@ -8,7 +8,6 @@ import asyncio
 import numpy as np
 import pytest
 import torch
-
 from tether.actor.engine import ActorEngine
 from tether.actor.testing import build_random_qwen2, load_reference_model, reference_logprobs
 from tether.common.config import EngineConfig, ModelConfig

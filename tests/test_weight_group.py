@@ -8,7 +8,6 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
-
 from tether.common.messages import TensorSpec
 from tether.common.weight_group import (
     ALIGN,
