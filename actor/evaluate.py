@@ -12,11 +12,10 @@ import argparse
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tether.common.config import EngineConfig, ModelConfig, load_config
-from tether.common.errors import ConfigError
-
 from tether.actor.engine_args import check_parity, engine_kwargs
 from tether.actor.tasks import Task, build_task
+from tether.common.config import EngineConfig, ModelConfig, load_config
+from tether.common.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -55,9 +54,8 @@ def resolve_device(device: str) -> str:
 def start_engine(model_dir: str | Path, engine_cfg: EngineConfig, model_cfg: ModelConfig, device: str = "cpu"):
     """A vllm.LLM with tether's pinned settings; refuses parity-breaking settings (check_parity)."""
     check_parity(engine_cfg)
-    from vllm import LLM
-
     import tether.actor.fp32_head  # noqa: F401  registers the fp32 head quantization engine_kwargs may name
+    from vllm import LLM
 
     return LLM(**engine_kwargs(engine_cfg, model_cfg, str(model_dir), device=resolve_device(device)))
 
@@ -93,7 +91,7 @@ def evaluate_greedy(
         outputs = engine.generate([p.text for p in prompts], params, use_tqdm=False)
     finally:
         if owned:
-            _shutdown(engine)
+            shutdown_engine(engine)
     results = []
     for prompt, output in zip(prompts, outputs, strict=True):
         completion = output.outputs[0].text
@@ -108,8 +106,8 @@ def evaluate_greedy(
     )
 
 
-def _shutdown(engine) -> None:
-    # LLM has no public close in every version; the engine core process exits with its client.
+def shutdown_engine(engine) -> None:
+    """Stop the engine-core process of a vllm.LLM now rather than at garbage collection."""
     shutdown = getattr(getattr(engine, "llm_engine", None), "engine_core", None)
     if shutdown is not None and hasattr(shutdown, "shutdown"):
         shutdown.shutdown()

@@ -7,7 +7,6 @@ import json
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-
 from tether.common.tiny_model import (
     EOS_ID,
     EOS_TOKEN,
@@ -22,9 +21,8 @@ from tether.common.tiny_model import (
 @pytest.fixture(scope="module")
 def hf_tokenizer(tmp_path_factory):
     """The tokenizer as saved by the build and loaded back through AutoTokenizer (no model needed)."""
-    from transformers import AutoTokenizer
-
     from tether.common.tiny_model import build_tokenizer
+    from transformers import AutoTokenizer
 
     out = tmp_path_factory.mktemp("tokenizer")
     build_tokenizer().save_pretrained(out)
@@ -40,7 +38,7 @@ def test_same_seed_gives_bit_identical_weights(tmp_path):
     kwargs = dict(max_steps=4, eval_interval=2, batch_size=8)
     first = build_tiny_model(tmp_path / "a", seed=7, **kwargs)
     second = build_tiny_model(tmp_path / "b", seed=7, **kwargs)
-    other = build_tiny_model(tmp_path / "c", seed=8, **kwargs)
+    build_tiny_model(tmp_path / "c", seed=8, **kwargs)
     assert first.warm_start_steps == second.warm_start_steps == 4
     assert _weights(tmp_path / "a") == _weights(tmp_path / "b")
     assert _weights(tmp_path / "a") != _weights(tmp_path / "c")
@@ -69,10 +67,9 @@ def test_saved_model_loads_in_transformers_with_its_own_lm_head(tiny_model_dir):
 @pytest.mark.slow
 def test_warm_start_report_is_in_band_and_matches_the_saved_weights(tiny_model_dir):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from tether.actor.tasks import build_task
     from tether.common.config import TaskConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     report = json.loads((tiny_model_dir / REPORT_FILE).read_text())
     low, high = WARM_START_BAND

@@ -6,7 +6,6 @@ One vLLM engine for the whole module (start-up is ~20 s on 2 cores).
 from __future__ import annotations
 
 import pytest
-
 from tether.actor.tasks import build_task
 from tether.common.config import EngineConfig, ModelConfig, TaskConfig
 
@@ -31,17 +30,16 @@ def llm(tiny_model_dir, engine_cfg):
 
     engine = start_engine(tiny_model_dir, engine_cfg, ModelConfig(dtype="float32"))
     yield engine
-    from tether.actor.evaluate import _shutdown
+    from tether.actor.evaluate import shutdown_engine
 
-    _shutdown(engine)
+    shutdown_engine(engine)
 
 
 @pytest.fixture(scope="module")
 def hf_completions(tiny_model_dir, task):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from tether.common.tiny_model import greedy_complete
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(1)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)

@@ -19,11 +19,10 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 
-from tether.common.config import TaskConfig
-from tether.common.errors import ConfigError
-
 from tether.actor.tasks.base import Prompt, Task
 from tether.actor.tasks.registry import register_task
+from tether.common.config import TaskConfig
+from tether.common.errors import ConfigError
 
 _OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
 

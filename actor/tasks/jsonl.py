@@ -23,11 +23,10 @@ from collections.abc import Callable, Iterator
 from fractions import Fraction
 from pathlib import Path
 
-from tether.common.config import TaskConfig
-from tether.common.errors import ConfigError, TaskDataError
-
 from tether.actor.tasks.base import Prompt, Task
 from tether.actor.tasks.registry import register_task
+from tether.common.config import TaskConfig
+from tether.common.errors import ConfigError, TaskDataError
 
 _NUMBER = re.compile(r"[-+]?(?:\d[\d,]*)?\.?\d+")
 

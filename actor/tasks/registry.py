@@ -10,10 +10,9 @@ import importlib
 import pkgutil
 from collections.abc import Callable
 
+from tether.actor.tasks.base import Task
 from tether.common.config import TaskConfig
 from tether.common.errors import ConfigError
-
-from tether.actor.tasks.base import Task
 
 # Filled by decorators at import time only; nothing mutates it afterwards.
 _TASKS: dict[str, type[Task]] = {}
