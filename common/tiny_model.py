@@ -11,7 +11,9 @@ position; with operands up to 99 the warm start needs several times longer). A
 short supervised run brings held-out greedy accuracy into a band well above chance and well
 below perfect (WARM_START_BAND). Addition suits RL from there: a model half-way through
 learning it has the right digits as high-probability alternatives, so sampled groups contain
-correct and wrong answers and the reward has signal.
+correct and wrong answers and the reward has signal. Measured for seed 0 (205 steps, greedy
+0.385 on the 200 held-out prompts): sampling at temperature 1 with 8 completions per prompt in
+vLLM, mean reward 0.34, pass@8 0.87, and 87% of the groups have mixed rewards.
 
 The warm start evaluates greedy accuracy on the task's held-out prompts (the same ones
 `tether eval` uses) every `eval_interval` steps and stops as soon as it is inside the band.
@@ -37,8 +39,6 @@ BYTE_VOCAB = 256
 EOS_ID = BYTE_VOCAB  # the one special token, right after the 256 bytes
 WARM_START_BAND = (0.35, 0.55)
 """Stop the warm start once held-out greedy accuracy is inside [low, high]."""
-TASK_OPTIONS: dict[str, str] = {}
-"""Options of the `arithmetic` task that the warm start trains on (its defaults: 2-digit addition)."""
 MAX_NEW_TOKENS = 8
 """Greedy completion length while warm-starting: any 2-digit sum plus eos fits."""
 
@@ -59,7 +59,8 @@ class TinyModelReport:
     """(step, held-out greedy accuracy) at every evaluation of the warm start."""
     task: str
     in_band: bool
-    """Whether the final accuracy lies inside WARM_START_BAND (always True without a warm start cap hit)."""
+    """Whether the final accuracy lies inside WARM_START_BAND (False without a warm start, or when
+    `max_steps` ran out before the band was reached)."""
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -239,7 +240,7 @@ def build_tiny_model(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer()
-    task = build_task(TaskConfig(name="arithmetic", seed=seed, options=dict(TASK_OPTIONS)))
+    task = build_task(TaskConfig(name="arithmetic", seed=seed, ))
     heldout = task.eval_prompts()
     low, high = WARM_START_BAND
     curve: list[tuple[int, float]] = []

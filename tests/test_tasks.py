@@ -191,3 +191,15 @@ def test_jsonl_file_level_errors(tmp_path):
         build_task(TaskConfig(name="jsonl", path=str(dup), eval_size=1))
     with pytest.raises(ConfigError, match="task.path"):
         build_task(TaskConfig(name="jsonl"))
+
+
+def test_eval_cli_names_a_bad_task_or_override_before_starting_an_engine(tmp_path, capsys):
+    from tether.actor.evaluate import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--model", str(tmp_path), "--task", "nosuch"])
+    assert info.value.code == 2
+    assert "task.name: unknown task 'nosuch'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--model", str(tmp_path), "task.eval_sise=3"])
+    assert "task.eval_sise" in capsys.readouterr().err
