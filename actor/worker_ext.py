@@ -38,14 +38,18 @@ class TetherWorkerExtension:
         tensor_specs = [TensorSpec(name=name, shape=tuple(shape), dtype=dtype) for name, shape, dtype in specs]
         device = self.device if getattr(self.device, "type", "cpu") == "cuda" else torch.device("cpu")
         rank = first_rank + self.rank
-        with join_weight_group(host, port, epoch, rank, world_size, backend=backend, device=device,
-                               timeout_s=timeout_s) as group:
-            joined = time.perf_counter()
-            receiver = WeightReceiver(group)
+        group = self._tether_weight_group(host, port, epoch, rank, world_size, backend, device, timeout_s)
+        joined = time.perf_counter()
+        receiver = WeightReceiver(group)
+        try:
             self.reload_weights(weights_iterator=receiver.receive(tensor_specs, bucket_bytes),
                                 is_checkpoint_format=True)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
+        except BaseException:
+            # A failed collective leaves the group unusable; the broker re-forms the epoch anyway.
+            self._tether_drop_weight_group()
+            raise
         done = time.perf_counter()
         return {
             "rank": rank,
@@ -55,6 +59,27 @@ class TetherWorkerExtension:
             "bytes": receiver.stats.bytes,
             "buckets": receiver.stats.buckets,
         }
+
+    def _tether_weight_group(self, host, port, epoch, rank, world_size, backend, device, timeout_s):
+        """The group of this epoch, formed on first use and kept while the epoch lasts.
+
+        The learner keeps its group per epoch too (the protocol in docs/wire-protocol.md). Forming a
+        second gloo group on the same epoch's store prefix would read the first one's stale
+        rendezvous addresses, so re-joining per update is not an option.
+        """
+        group = getattr(self, "_tether_group", None)
+        if group is not None and (group.epoch, group.rank, group.world_size) == (epoch, rank, world_size):
+            return group
+        self._tether_drop_weight_group()
+        self._tether_group = join_weight_group(host, port, epoch, rank, world_size, backend=backend,
+                                               device=device, timeout_s=timeout_s)
+        return self._tether_group
+
+    def _tether_drop_weight_group(self) -> None:
+        group = getattr(self, "_tether_group", None)
+        self._tether_group = None
+        if group is not None:
+            group.close()
 
     def tether_head_info(self) -> dict:
         """The lm_head as the worker actually holds it (dtype, shape, method): proof for the engine report."""

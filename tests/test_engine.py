@@ -249,3 +249,53 @@ def test_d_inflight_update_mid_generation(loop, engine, model_dir, tmp_path):
     assert before.mean() < 5e-6 and before.max() < 5e-5
     assert after.mean() < 5e-6 and after.max() < 5e-5
     assert np.median(after_old) > 1e-2  # inf where the old weights could not have sampled the token
+
+
+def _multi_sender_main(port: int, plan: list[tuple[int, str]], bucket_bytes: int) -> None:
+    """Rank 0 of successive weight groups: one group per epoch, kept across that epoch's versions."""
+    from tether.common.weight_group import WeightSender, join_weight_group
+
+    group = None
+    for epoch, state_path in plan:
+        if group is None or group.epoch != epoch:
+            if group is not None:
+                group.close()
+            group = join_weight_group("127.0.0.1", port, epoch, 0, 2, backend="gloo", timeout_s=60)
+        WeightSender(group, bucket_bytes).broadcast(list(torch.load(state_path).items()))
+    group.close()
+
+
+def test_updates_reuse_the_epoch_group_and_rejoin_on_a_new_epoch(loop, engine, model_dir, tmp_path):
+    """Several versions in one epoch travel over one group (as the learner keeps it), then a new epoch
+    forms a new group. Re-forming a group per update on the same epoch's store prefix would read the
+    first rendezvous' stale addresses and fail to connect (seen end to end before this was fixed)."""
+    from torch.distributed import TCPStore
+
+    base = load_state(model_dir)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
+    first_version = engine.version + 1
+    plan = []
+    for i, epoch in enumerate((11, 11, 11, 12)):
+        state = perturbed_state(base, scale=0.05 * (i + 1), seed=50 + i)
+        torch.save(state, tmp_path / f"v{i}.pt")
+        plan.append((epoch, str(tmp_path / f"v{i}.pt"), state))
+    sender = mp.get_context("spawn").Process(target=_multi_sender_main,
+                                              args=(port, [(e, p) for e, p, _ in plan], 64 * 1024))
+    sender.start()
+    try:
+        for i, (epoch, _, state) in enumerate(plan):
+            announce = WeightsAnnounce(version=first_version + i, epoch=epoch, tensors=tensor_specs(state.items()),
+                                       bucket_bytes=64 * 1024, group_host="127.0.0.1", group_port=port,
+                                       group_world_size=2, first_rank=1)
+            loop.run_until_complete(engine.update_weights(announce))
+            checksums = loop.run_until_complete(engine.llm.collective_rpc("tether_param_checksum",
+                                                                          args=("model.norm.weight",)))
+            assert checksums[0] == pytest.approx(float(state["model.norm.weight"].double().sum()), rel=1e-6)
+            assert engine.version == first_version + i and engine.healthy
+    finally:
+        sender.join(60)
+        del store
+    assert sender.exitcode == 0
