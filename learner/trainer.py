@@ -34,6 +34,8 @@ from tether.learner.source import BatchSource
 log = get_logger(__name__)
 
 _LOSS_METRICS = ("pg_loss", "clamp_log_ratio_new_old_indicator", "kl_ref")
+MAX_EMPTY_FETCHES = 100
+"""Consecutive batches without a trainable token after which the learner gives up."""
 
 
 def _dummy_micro_batch() -> MicroBatch:
@@ -129,14 +131,10 @@ class Learner:
         """Fetch this rank's rollouts, take one optimizer step, return the step's (global) metrics."""
         cfg = self.config.learner
         started = time.perf_counter()
-        batch = self.source.next_batch(
-            step=self.version, rank=self.rank, world_size=self.world_size, size=cfg.rollouts_per_step,
-            learner_version=self.version, max_lag=cfg.max_lag,
-        )
-        prepared = prepare_batch(batch.rollouts, self.version, cfg.max_lag, cfg.micro_batch_size, self.algorithm.advantages)
+        batch, prepared, totals, skipped_dropped, skipped_empty = self._fetch_trainable_batch()
         m = StepMetrics()
-        m.add("samples_dropped", batch.dropped_stale + prepared.dropped_stale)
-        m.add("samples_empty", prepared.dropped_empty)
+        m.add("samples_dropped", skipped_dropped + batch.dropped_stale + prepared.dropped_stale)
+        m.add("samples_empty", skipped_empty + prepared.dropped_empty)
         m.add("sequences", len(prepared.rewards))
         m.add("reward_sum", float(prepared.rewards.sum()))
         m.add("reward_sq_sum", float((prepared.rewards.astype("float64") ** 2).sum()))
@@ -144,11 +142,6 @@ class Learner:
         m.add("pad_tokens", prepared.pad_tokens)
         m.add("real_tokens", prepared.real_tokens)
         m.add("micro_batches_max", len(prepared.micro_batches))
-        totals = StepMetrics()
-        totals.add("tokens", m.sums["completion_tokens"])
-        totals.add("sequences", m.sums["sequences"])
-        totals.max("micro_batches", len(prepared.micro_batches))
-        totals = totals.reduce(self.device)
         total_tokens = max(totals.sums["tokens"], 1.0)
         total_sequences = max(totals.sums["sequences"], 1.0)
         micro_batches = list(prepared.micro_batches)
@@ -167,12 +160,7 @@ class Learner:
 
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        if totals.sums["tokens"] > 0:
-            self.optimizer.step()
-        else:
-            # Nothing trainable (all stale or empty): no update, but the version still advances so a
-            # fixed-step loop ends; the drops are in the metrics.
-            log.warning("empty step: every sample was dropped", version=self.version + 1)
+        self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.version += 1
 
@@ -184,6 +172,43 @@ class Learner:
             self.writer.write(record)
             log.info("step", **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items() if not k.startswith("mixed_")})
         return record
+
+    def _fetch_trainable_batch(self):
+        """This rank's batch for the next step, fetching again while no rank has a trainable token.
+
+        A batch whose every sample is stale or empty must not become a step: the version is the
+        number of optimizer steps, and advancing it without training would make the next batch
+        staler still. Every rank sees the same global totals, so all ranks retry together. A broker
+        delivers fresher rollouts on the next request; a fixed source that keeps serving nothing
+        trainable is a configuration error and fails after MAX_EMPTY_FETCHES tries.
+        """
+        cfg = self.config.learner
+        skipped_dropped = skipped_empty = 0
+        for _ in range(MAX_EMPTY_FETCHES):
+            batch = self.source.next_batch(
+                step=self.version, rank=self.rank, world_size=self.world_size, size=cfg.rollouts_per_step,
+                learner_version=self.version, max_lag=cfg.max_lag,
+            )
+            prepared = prepare_batch(batch.rollouts, self.version, cfg.max_lag, cfg.micro_batch_size,
+                                     self.algorithm.advantages)
+            totals = StepMetrics()
+            totals.add("tokens", sum(mb.num_tokens for mb in prepared.micro_batches))
+            totals.add("sequences", len(prepared.rewards))
+            totals.add("dropped", batch.dropped_stale + prepared.dropped_stale + prepared.dropped_empty)
+            totals.max("micro_batches", len(prepared.micro_batches))
+            totals = totals.reduce(self.device)
+            if totals.sums["tokens"] > 0:
+                return batch, prepared, totals, skipped_dropped, skipped_empty
+            skipped_dropped += batch.dropped_stale + prepared.dropped_stale
+            skipped_empty += prepared.dropped_empty
+            if self.rank == 0:
+                log.warning("no trainable sample in the batch; fetching another", version=self.version,
+                            dropped=int(totals.sums["dropped"]), max_lag=cfg.max_lag)
+        raise RuntimeError(
+            f"{MAX_EMPTY_FETCHES} consecutive batches had no trainable sample at version {self.version} "
+            f"(every rollout stale beyond learner.max_lag={cfg.max_lag}, or empty): the rollout source "
+            "cannot supply this version"
+        )
 
     def _micro_step(self, mb: MicroBatch, total_tokens: float, total_sequences: float, m: StepMetrics) -> None:
         device = self.device

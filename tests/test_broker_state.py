@@ -137,6 +137,22 @@ def test_stale_groups_are_dropped_counted_and_reported():
     assert h.state.status().dropped_stale_total == 2
 
 
+def test_a_waiting_request_is_never_served_rollouts_that_arrived_stale():
+    """Staleness is judged when the batch is served: rollouts resent from an actor's queue while the
+    learner waited must not reach it (seen end to end: they were served and dropped by the learner)."""
+    h = Harness()
+    h.hello("a0")
+    h.hello("L0", role="learner")
+    assert not bodies(h.send("L0", BatchRequest(rank=0, size=2, learner_version=4, max_lag=2), msg_id="b1"), RolloutBatch)
+    out = h.send("a0", RolloutBatch(rollouts=[make_rollout("old-0", "old", 2, version=1),
+                                              make_rollout("old-1", "old", 2, version=1)]))
+    assert not bodies(out, RolloutBatch)  # too old for the waiting request: dropped, not served
+    out = h.send("a0", RolloutBatch(rollouts=[make_rollout("new-0", "new", 2, version=2),
+                                              make_rollout("new-1", "new", 2, version=3)]))
+    batch = bodies(out, RolloutBatch, to="L0")[0]
+    assert [r.group_id for r in batch.rollouts] == ["new", "new"] and batch.dropped_stale == 2
+
+
 def test_full_buffer_refuses_new_groups_with_rejected_but_admits_open_groups():
     h = Harness(buffer_capacity=2)
     h.hello("a0")

@@ -58,7 +58,38 @@ def test_activation_checkpointing_gives_the_same_step(setup, tmp_path):
 
 def test_stale_samples_are_dropped_and_counted(setup, tmp_path):
     learner = _learner(setup, tmp_path, **{"learner.max_lag": 1})
-    rows = [learner.step() for _ in range(3)]
-    # the fixed batch is tagged version 0: lag 0, 1, then 2 > max_lag -> all 8 dropped at step 3
-    assert [r["samples_dropped"] for r in rows] == [0, 0, 8]
-    assert rows[2]["samples"] == 0 and rows[2]["samples_dropped_total"] == 8
+    rows = [learner.step() for _ in range(2)]
+    # the fixed batch is tagged version 0: lag 0, then 1; at version 2 every sample exceeds max_lag.
+    assert [r["samples_dropped"] for r in rows] == [0, 0]
+    with pytest.raises(RuntimeError, match=r"no trainable sample at version 2 .*max_lag=1"):
+        learner.step()
+    assert learner.version == 2  # a batch of nothing but stale samples is never a step
+
+
+def test_an_all_stale_batch_is_skipped_not_stepped(setup, tmp_path):
+    """Stale batches are counted and fetched past; the version only counts optimizer steps."""
+    from msgspec.structs import replace
+
+    from tether.common.messages import int32_array
+    from tether.learner.source import InMemoryBatchSource
+
+    _, rollouts = setup
+
+    def tagged(version: int) -> InMemoryBatchSource:
+        return InMemoryBatchSource([replace(r, versions=int32_array([version] * r.num_completion_tokens))
+                                    for r in rollouts])
+
+    class StaleTwiceThenFresh:
+        def __init__(self):
+            self.calls = 0
+
+        def next_batch(self, **kwargs):
+            self.calls += 1
+            return (tagged(0) if self.calls <= 2 else tagged(1)).next_batch(**kwargs)
+
+    learner = _learner(setup, tmp_path, **{"learner.max_lag": 0})
+    learner.step()  # version 0 -> 1 on lag-0 data
+    learner.source = StaleTwiceThenFresh()
+    row = learner.step()
+    assert learner.version == 2 and learner.source.calls == 3
+    assert row["samples_dropped"] == 16 and row["samples"] == 8 and row["lag_max"] == 0
