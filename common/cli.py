@@ -16,6 +16,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("tether.launch.demo", "the embedded end-to-end job on the tiny model (README command 1)"),
     "status": ("tether.broker.status", "the broker's live table: peers, versions, lag, buffer, rollouts/s"),
     "keys": ("tether.broker.keys", "make ZeroMQ CURVE keys for the broker and its clients"),
+    "parity": ("tether.launch.parity", "parity doctor: actor vs learner logprobs with each correction on/off"),
 }
 
 
