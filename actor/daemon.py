@@ -8,6 +8,9 @@
   (VersionAck ok=False with the error on failure; the daemon then stops, since its weights may be mixed),
 - `RolloutPump` keeps max_groups_in_flight groups generating and sends each finished group
   (the client keeps rollouts until acked; generation waits while too many are unacked).
+- weights.mode=stop_the_world: a `StopTheWorldGate` lets the pump start a group only while the
+  loaded version has room in the broker's per-version quota; the actor idles until the next
+  WeightsAnnounce is loaded. The in-flight mode has no gate.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import os
 import socket
 
 from tether.actor.engine import ActorEngine, WeightUpdateError
-from tether.actor.rollouts import GroupGenerator, RolloutPump
+from tether.actor.rollouts import GroupGenerator, RolloutPump, StopTheWorldGate
 from tether.common.config.run import RunConfig
 from tether.common.logging import get_logger
 
@@ -84,7 +87,7 @@ class ActorDaemon:
         tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         generator = GroupGenerator(self.engine, self.task, tokenizer, self.config.actor.sampling, self.actor_id,
                                    seed=self.config.run.seed)
-        pump = RolloutPump(generator, self.client, self.config.actor.max_groups_in_flight)
+        pump = RolloutPump(generator, self.client, self.config.actor.max_groups_in_flight, gate=self.build_gate())
         weights = asyncio.ensure_future(self._weights_loop())
         try:
             rollouts = asyncio.ensure_future(pump.run(self.task.train_prompts(self.config.task.seed), max_groups))
@@ -98,6 +101,18 @@ class ActorDaemon:
                 task.cancel()
             await asyncio.gather(weights, return_exceptions=True)
         log.info("actor_done", groups=pump.groups_done, rollouts=pump.rollouts_sent, updates=len(self.updates))
+
+    def build_gate(self) -> StopTheWorldGate | None:
+        """The stop-the-world gate for weights.mode=stop_the_world, else None (in-flight: no gate)."""
+        if self.config.weights.mode != "stop_the_world":
+            return None
+        return StopTheWorldGate(
+            version=lambda: self.engine.version,
+            quota=lambda: getattr(self.client, "quota", None),
+            unacked=lambda: self.client.unacked_count,
+            rollouts_per_step=self.config.learner.rollouts_per_step,
+            group_size=self.config.actor.sampling.group_size,
+        )
 
     def shutdown(self) -> None:
         if self.engine is not None:

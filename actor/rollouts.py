@@ -3,6 +3,10 @@
 Bounded work in flight: `RolloutPump` starts at most `max_groups_in_flight` groups at once and waits
 for the sink's capacity (unacked rollouts below the limit) before starting a group, so a slow broker
 or learner slows generation instead of growing memory.
+
+With weights.mode=stop_the_world a `StopTheWorldGate` also decides when a group may start: only
+while the loaded version still has room in the broker's per-version quota, so the actor idles while
+the learner steps and resumes once the next version is loaded.
 """
 
 from __future__ import annotations
@@ -10,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import numpy as np
@@ -85,12 +90,73 @@ class GroupGenerator:
         ]
 
 
+class StopTheWorldGate:
+    """weights.mode=stop_the_world: may the pump start a group now, at the loaded weight version `v`?
+
+    - Never once the broker's quota for `v` is full (an Ack said fewer than `group_size` left), nor
+      when the broker already counts a newer version: those tokens would arrive stale.
+    - At most `rollouts_per_step / group_size` groups per version from this actor: what one step
+      consumes, so a single actor fills the quota exactly and generates nothing that is thrown away.
+      Past that local cap it starts more only if the broker reports room at `v` while nothing of
+      this actor is in flight or unacked (rollouts were lost, or another actor fell short), so a
+      short quota can never deadlock the run.
+    - A newer loaded version starts afresh: the actor resumes by itself after the update.
+
+    The inputs are callables so tests can drive them: `version` (the engine's loaded version),
+    `quota` (the client's latest `(version, left)` or None) and `unacked` (rollouts not yet acked).
+    """
+
+    def __init__(self, *, version: Callable[[], int], quota: Callable[[], tuple[int, int] | None],
+                 unacked: Callable[[], int], rollouts_per_step: int, group_size: int, poll_s: float = 0.05):
+        self._version, self._quota, self._unacked = version, quota, unacked
+        self.group_size = group_size
+        self.groups_per_version = max(1, rollouts_per_step // group_size)
+        self.poll_s = poll_s
+        self.started: Counter[int] = Counter()
+        """Groups started per loaded version."""
+        self.waits = 0
+        """Times the gate made the pump wait (idle) for the next version."""
+
+    def may_start(self, in_flight: int) -> bool:
+        v = self._version()
+        quota = self._quota()
+        if quota is not None:
+            quota_version, left = quota
+            if quota_version > v:
+                return False  # the broker has moved on; wait until the new weights are loaded
+            if quota_version == v and left < self.group_size:
+                return False
+            if (quota_version == v and self.started[v] >= self.groups_per_version
+                    and in_flight == 0 and self._unacked() == 0):
+                return True  # room left although our share was delivered: fill it
+        return self.started[v] < self.groups_per_version
+
+    async def wait_to_start(self, in_flight: Callable[[], int]) -> int:
+        """Wait until a group may start, record it, and return the version it is counted against."""
+        waited = False
+        while not self.may_start(in_flight()):
+            if not waited:
+                waited = True
+                self.waits += 1
+                log.info("stop_the_world_waiting", version=self._version(), quota=self._quota())
+            await asyncio.sleep(self.poll_s)
+        v = self._version()
+        if waited:
+            log.info("stop_the_world_resumed", version=v)
+        self.started[v] += 1
+        return v
+
+
 class RolloutPump:
-    """Keeps up to `max_groups_in_flight` groups generating and hands finished groups to the sink."""
+    """Keeps up to `max_groups_in_flight` groups generating and hands finished groups to the sink.
+
+    With a `gate` (stop_the_world), a group starts only when the gate allows it.
+    """
 
     def __init__(self, generator: GroupGenerator, sink: RolloutSink, max_groups_in_flight: int,
-                 capacity_poll_s: float = 0.5):
+                 capacity_poll_s: float = 0.5, gate: StopTheWorldGate | None = None):
         self.generator, self.sink = generator, sink
+        self.gate = gate
         self.max_groups_in_flight = max_groups_in_flight
         self.capacity_poll_s = capacity_poll_s
         self.groups_done = 0
@@ -132,6 +198,8 @@ class RolloutPump:
             while not await asyncio.to_thread(self.sink.wait_for_capacity,
                                               group_size * (self.in_flight + 1), self.capacity_poll_s):
                 pass
+            if self.gate is not None:
+                await self.gate.wait_to_start(lambda: self.in_flight)
             self.in_flight += 1
             started += 1
             task = asyncio.ensure_future(one(prompt))

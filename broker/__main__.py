@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(component="broker", run_dir=cfg.run.dir, level=cfg.run.log_level)
     save_resolved(cfg, cfg.run.dir, "broker")
     log = get_logger("tether.broker")
-    state = build_state(cfg.broker)
+    state = build_state(cfg.broker, mode=cfg.weights.mode, rollouts_per_step=cfg.learner.rollouts_per_step)
     server = BrokerServer(cfg.broker, state, build_transport(cfg.broker))
     if cfg.broker.host_store:
         server.start_store()
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, lambda *_: server.stop())
     log.info("broker listening", endpoint=f"tcp://{cfg.broker.host}:{cfg.broker.port}",
              curve=cfg.broker.curve_enabled, journal=cfg.broker.journal_path or None,
-             buffered=state.buffer.depth)
+             buffered=state.buffer.depth, weights_mode=cfg.weights.mode)
     try:
         server.serve_forever()
     finally:

@@ -7,6 +7,9 @@ Rules:
   `group_id` are present. Groups are served oldest-complete first.
 - Staleness: when a learner at version `s` with `max_lag` asks for a batch, every buffered group
   with a rollout whose oldest token version is below `s - max_lag` is dropped whole and counted.
+- Stale on arrival (weights.mode=stop_the_world): `discard_stale` acks rollouts that are already too
+  old without buffering them; they count as stored and as dropped stale, and their ids are
+  remembered like consumed ones, so `stored_total == consumed_total + dropped_stale_total + depth`.
 - Capacity: a rollout of a new group is refused while `depth >= capacity` (the actor keeps it and
   resends). Members of a group already present are admitted past capacity, so a full buffer of
   half-finished groups can never deadlock; the overshoot is at most one group per open group.
@@ -45,6 +48,7 @@ class RolloutBuffer:
         self._index: dict[str, str] = {}  # rollout id -> group id, for buffered rollouts
         self._consumed: OrderedDict[str, None] = OrderedDict()
         self.stored_total = 0
+        self.consumed_total = 0
         self.dropped_stale_total = 0
         self.duplicates_total = 0
         self.refused_total = 0
@@ -126,6 +130,44 @@ class RolloutBuffer:
         self.dropped_stale_total += len(dropped)
         return len(dropped)
 
+    def discard_stale(self, rollouts: list[Rollout]) -> AddResult:
+        """Ack `rollouts` as stored-then-dropped-stale without buffering them (duplicates: acked again).
+
+        Used when a rollout is stale the moment it arrives. Counting it as stored and dropped (rather
+        than not at all) keeps the books balanced and the drop visible; remembering its id makes a
+        resend a duplicate, and the journal's DONE record keeps that true across a broker restart.
+        """
+        result = AddResult()
+        for rollout in rollouts:
+            rid = rollout.rollout_id
+            if self.seen(rid) or rid in result.stored:
+                result.duplicates.append(rid)
+                continue
+            self._remember_consumed(rid)
+            result.stored.append(rid)
+        if self.journal is not None and result.stored:
+            self.journal.done(result.stored)
+        self.stored_total += len(result.stored)
+        self.dropped_stale_total += len(result.stored)
+        self.duplicates_total += len(result.duplicates)
+        return result
+
+    def has_group(self, group_id: str) -> bool:
+        """Whether some rollout of `group_id` is buffered now."""
+        return group_id in self._groups
+
+    def is_complete(self, group_id: str) -> bool:
+        """Whether `group_id` is buffered with all its members (servable)."""
+        return group_id in self._complete
+
+    def drop_group(self, group_id: str) -> int:
+        """Drop one buffered group as stale (counted, journaled); returns the rollouts dropped."""
+        dropped = self._remove_group(group_id)
+        if self.journal is not None and dropped:
+            self.journal.done(dropped)
+        self.dropped_stale_total += len(dropped)
+        return len(dropped)
+
     def take(self, size: int) -> list[Rollout] | None:
         """Whole complete groups totalling `size` rollouts (or one oversize group); None if not yet."""
         chosen: list[str] = []
@@ -147,6 +189,7 @@ class RolloutBuffer:
         for gid in chosen:
             batch.extend(self._groups[gid].values())
             self._remove_group(gid)
+        self.consumed_total += len(batch)
         if self.journal is not None:
             self.journal.done([r.rollout_id for r in batch])
             self._maybe_compact()

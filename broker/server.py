@@ -24,14 +24,19 @@ MAX_BATCH = 256
 ZMQ_SIZE_SLACK = 64 * 1024
 
 
-def build_state(cfg: BrokerConfig, clock=time.monotonic) -> BrokerState:
-    """A BrokerState with its buffer, replaying the journal when one is configured."""
+def build_state(cfg: BrokerConfig, clock=time.monotonic, *, mode: str = "inflight",
+                rollouts_per_step: int = 0) -> BrokerState:
+    """A BrokerState with its buffer, replaying the journal when one is configured.
+
+    `mode` (weights.mode) and `rollouts_per_step` (learner.rollouts_per_step) set the
+    stop-the-world quota; the defaults are the in-flight mode, which has none.
+    """
     journal = None
     if cfg.journal_path:
         journal = Journal(cfg.journal_path, fsync=cfg.journal_fsync, fsync_interval_s=cfg.journal_fsync_interval_s)
     buffer = RolloutBuffer(cfg.buffer_capacity, dedup_window=cfg.dedup_window, journal=journal)
     restored = buffer.replay_journal()
-    state = BrokerState(cfg, buffer, clock=clock)
+    state = BrokerState(cfg, buffer, clock=clock, mode=mode, rollouts_per_step=rollouts_per_step)
     if journal is not None:
         state.log.info("journal replayed", path=cfg.journal_path, rollouts=restored)
     return state

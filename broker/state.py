@@ -7,6 +7,12 @@ moves bytes between a transport and this class.
 
 Replies carry the envelope `msg_id` of the request they answer (Ack, Error, Status, RolloutBatch,
 and the learner's "go" WeightsAnnounce); messages the broker starts get a fresh id.
+
+With `mode="stop_the_world"` (weights.mode) the broker also enforces strict on-policy batches: per
+published version it accepts at most `rollouts_per_step` rollouts, in whole groups, whose tokens are
+all at that version (`RolloutQuota`); past the quota it refuses with `rejected` (the actor keeps them)
+and every Ack says how much quota is left, so actors stop starting groups. Rollouts with a token
+older than the latest version are acked and dropped as stale, counted like every other stale drop.
 """
 
 from __future__ import annotations
@@ -88,6 +94,46 @@ class ParkedRequest:
 
 
 @dataclass
+class RolloutQuota:
+    """stop_the_world: what the broker still accepts at `version` (the latest published one).
+
+    A group reserves `group_size` rollouts when its first member is admitted, so later members (in
+    other messages, or resent) always fit and groups stay whole; `used` never exceeds `per_version`.
+    """
+
+    per_version: int
+    version: int = 0
+    used: int = 0
+    admitted: dict[str, tuple[str, int]] = field(default_factory=dict)
+    """group id -> (actor id, reserved size) for the groups admitted at `version`."""
+    stale_groups: set[str] = field(default_factory=set)
+    """Groups with a stale member at `version`: their later members are dropped too (groups stay whole)."""
+
+    @property
+    def left(self) -> int:
+        return self.per_version - self.used
+
+    def reset(self, version: int) -> None:
+        self.version, self.used = version, 0
+        self.admitted.clear()
+        self.stale_groups.clear()
+
+    def admit(self, group_id: str, actor_id: str, size: int) -> bool:
+        if group_id in self.admitted:
+            return True
+        if self.used + size > self.per_version:
+            return False
+        self.admitted[group_id] = (actor_id, size)
+        self.used += size
+        return True
+
+    def release(self, group_id: str) -> None:
+        entry = self.admitted.pop(group_id, None)
+        if entry is not None:
+            self.used -= entry[1]
+
+
+@dataclass
 class Epoch:
     number: int = 0
     key: tuple | None = None
@@ -104,8 +150,18 @@ class BrokerState:
         buffer: RolloutBuffer | None = None,
         *,
         clock: Callable[[], float] = time.monotonic,
+        mode: str = "inflight",
+        rollouts_per_step: int = 0,
     ) -> None:
+        """`mode` and `rollouts_per_step` come from the run config (weights.mode,
+        learner.rollouts_per_step); the quota exists only for mode "stop_the_world"."""
+        if mode not in ("inflight", "stop_the_world"):
+            raise ValueError(f"unknown weights mode {mode!r}")
+        if mode == "stop_the_world" and rollouts_per_step < 1:
+            raise ValueError("stop_the_world needs rollouts_per_step >= 1")
         self.cfg = cfg
+        self.mode = mode
+        self.quota = RolloutQuota(rollouts_per_step) if mode == "stop_the_world" else None
         self.buffer = buffer if buffer is not None else RolloutBuffer(cfg.buffer_capacity, dedup_window=cfg.dedup_window)
         self.clock = clock
         self.log = get_logger("tether.broker")
@@ -121,6 +177,9 @@ class BrokerState:
         self._queued_announce: tuple[int, str] | None = None  # (version, learner request msg_id)
         self._parked: dict[str, ParkedRequest] = {}
         self._dropped_for: Counter[str] = Counter()
+        # Stale drops not caused by one rank's request (on arrival, at an announce): reported in the
+        # next batch served to any rank, so the learner's samples_dropped includes them.
+        self._dropped_unreported = 0
         self._rate: deque[tuple[float, int]] = deque()
 
     # ------------------------------------------------------------------ entry points
@@ -190,6 +249,8 @@ class BrokerState:
                 self.counters["peers_died"] += 1
                 self.log.warning("peer declared dead", peer=info.peer_id, role=info.role, silent_s=round(silent, 2))
                 self._parked.pop(info.peer_id, None)
+                if info.role == "actor":
+                    self._release_quota_of(info.peer_id)
                 if self.update is not None and info.peer_id == self.learner_id:
                     self.log.warning("learner died during an update; abandoning it", version=self.update.version)
                     self.update = None
@@ -230,6 +291,9 @@ class BrokerState:
             rollouts_per_second=self.rollouts_per_second(),
             stored_total=self.buffer.stored_total,
             dropped_stale_total=self.buffer.dropped_stale_total,
+            consumed_total=self.buffer.consumed_total,
+            quota_version=self.quota.version if self.quota is not None else -1,
+            quota_left=self.quota.left if self.quota is not None else -1,
         )
 
     def rollouts_per_second(self) -> float:
@@ -289,28 +353,97 @@ class BrokerState:
             return self._reject(
                 info.identity, "rejected",
                 f"not ready: load weight version {info.required_version} first, then resend", message.msg_id)
+        stale: list[Rollout] = []
+        over_quota: list[Rollout] = []
+        admitted_now: set[str] = set()
+        if self.quota is not None:
+            rollouts, stale, over_quota, admitted_now = self._apply_quota(rollouts)
         result = self.buffer.add(rollouts)
+        for gid in admitted_now:
+            if not self.buffer.has_group(gid):
+                self.quota.release(gid)  # type: ignore[union-attr]  # refused for capacity: nothing reserved
         now = self.clock()
         if result.stored:
             self._rate.append((now, len(result.stored)))
+        acked, duplicates = result.acked, len(result.duplicates)
+        if stale:
+            discarded = self.buffer.discard_stale(stale)
+            acked, duplicates = acked + discarded.acked, duplicates + len(discarded.duplicates)
+            if discarded.stored:
+                self._dropped_unreported += len(discarded.stored)
+                self.counters["dropped_stale_on_arrival"] += len(discarded.stored)
+                self.log.info("dropped stale rollouts on arrival", count=len(discarded.stored), peer=info.peer_id,
+                              latest_version=self.latest_version)
         out: list[Outgoing] = []
-        if result.acked:
-            out.append(Outgoing(info.identity, Ack(rollout_ids=result.acked, duplicates=len(result.duplicates)),
-                                message.msg_id))
+        # stop_the_world: always answer with the quota (even with nothing acked), so the actor knows
+        # to stop starting groups at this version.
+        if acked or self.quota is not None:
+            quota = self.quota
+            out.append(Outgoing(info.identity, Ack(
+                rollout_ids=acked, duplicates=duplicates,
+                quota_version=quota.version if quota is not None else -1,
+                quota_left=quota.left if quota is not None else -1), message.msg_id))
         if result.refused:
             self.counters["refused_rollouts"] += len(result.refused)
             out.extend(self._reject(
                 info.identity, "rejected",
                 f"buffer full ({self.buffer.depth}/{self.buffer.capacity}): {len(result.refused)} rollouts refused, "
                 "keep them and retry later", message.msg_id))
+        if over_quota:
+            self.counters["over_quota_rollouts"] += len(over_quota)
+            out.extend(self._reject(
+                info.identity, "rejected",
+                f"stop_the_world quota for version {self.latest_version} is full: {len(over_quota)} rollouts "
+                "refused, keep them; they will be acked (as stale) after the next version", message.msg_id))
         out.extend(self._serve_parked())
         return out
 
+    def _apply_quota(self, rollouts: list[Rollout]) -> tuple[list[Rollout], list[Rollout], list[Rollout], set[str]]:
+        """stop_the_world: split into (to store, stale, over quota, groups admitted by this call)."""
+        quota = self.quota
+        assert quota is not None
+        keep: list[Rollout] = []
+        stale: list[Rollout] = []
+        over: list[Rollout] = []
+        admitted_now: set[str] = set()
+        for rollout in rollouts:
+            gid = rollout.group_id
+            if self.buffer.seen(rollout.rollout_id):
+                keep.append(rollout)  # a duplicate: the buffer acks it again, no quota involved
+            elif gid in quota.stale_groups or self._stale_on_arrival(rollout):
+                stale.append(rollout)
+                if gid not in quota.stale_groups:
+                    quota.stale_groups.add(gid)
+                    # Groups stay whole: a group with a stale member goes entirely, buffered part included.
+                    quota.release(gid)
+                    if self.buffer.has_group(gid):
+                        self._dropped_unreported += self.buffer.drop_group(gid)
+            elif gid in quota.admitted or self.buffer.has_group(gid):
+                keep.append(rollout)  # the rest of a group already admitted: its room is reserved
+            elif quota.admit(gid, rollout.actor_id, rollout.group_size):
+                admitted_now.add(gid)
+                keep.append(rollout)
+            else:
+                over.append(rollout)
+        return keep, stale, over, admitted_now
+
+    def _stale_on_arrival(self, rollout: Rollout) -> bool:
+        """Not every token at the latest version (an empty completion is never stale, as in drop_stale)."""
+        if rollout.num_completion_tokens == 0:
+            return False
+        versions = rollout.versions.numpy()
+        return int(versions[0]) < self.latest_version or int(versions[-1]) != int(versions[0])
+
+    def _release_quota_of(self, actor_id: str) -> None:
+        """A dead actor's incomplete groups may never complete: give their reserved room back."""
+        if self.quota is None:
+            return
+        for gid, (owner, _) in list(self.quota.admitted.items()):
+            if owner == actor_id and not self.buffer.is_complete(gid):
+                self.quota.release(gid)
+                self.log.info("released quota of an incomplete group of a dead actor", group=gid, actor=actor_id)
+
     def _on_batch_request(self, info: PeerInfo, message: wire.Message, req: BatchRequest) -> list[Outgoing]:
-        dropped = self.buffer.drop_stale(req.learner_version - req.max_lag)
-        if dropped:
-            self._dropped_for[info.peer_id] += dropped
-            self.log.info("dropped stale rollouts", count=dropped, learner_version=req.learner_version, max_lag=req.max_lag)
         # One parked request per learner rank: a re-sent request replaces the older one.
         self._parked[info.peer_id] = ParkedRequest(info.identity, message.msg_id, req)
         return self._serve_parked()
@@ -319,11 +452,20 @@ class BrokerState:
         out: list[Outgoing] = []
         for peer_id in list(self._parked):
             parked = self._parked[peer_id]
-            batch = self.buffer.take(parked.request.size)
+            # Staleness is judged when a batch is served, not when it was asked for: rollouts that
+            # arrived while the request waited (e.g. resent from an actor's queue) may be too old.
+            req = parked.request
+            dropped = self.buffer.drop_stale(req.learner_version - req.max_lag)
+            if dropped:
+                self._dropped_for[peer_id] += dropped
+                self.log.info("dropped stale rollouts", count=dropped, learner_version=req.learner_version,
+                              max_lag=req.max_lag)
+            batch = self.buffer.take(req.size)
             if batch is None:
                 break  # FIFO across ranks: nobody overtakes a rank that is still waiting
             del self._parked[peer_id]
-            dropped = self._dropped_for.pop(peer_id, 0)
+            dropped = self._dropped_for.pop(peer_id, 0) + self._dropped_unreported
+            self._dropped_unreported = 0
             out.append(Outgoing(parked.identity, RolloutBatch(rollouts=batch, dropped_stale=dropped), parked.msg_id))
         return out
 
@@ -337,6 +479,13 @@ class BrokerState:
         self._tensors = list(ann.tensors)
         self._bucket_bytes = ann.bucket_bytes
         self.latest_version = ann.version
+        if self.quota is not None and ann.version > self.quota.version:
+            # A new version: a fresh quota, and nothing older may be served any more (lag 0 only).
+            self.quota.reset(ann.version)
+            dropped = self.buffer.drop_stale(ann.version)
+            if dropped:
+                self._dropped_unreported += dropped
+                self.log.info("dropped stale rollouts at a new version", count=dropped, version=ann.version)
         info.loaded_version = ann.version
         self._queued_announce = (ann.version, message.msg_id)
         self.log.info("weights announced", version=ann.version, tensors=len(ann.tensors))

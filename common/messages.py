@@ -235,6 +235,12 @@ class Ack(Record):
     KIND: ClassVar[str] = "ack"
     rollout_ids: list[str]
     duplicates: int = 0
+    quota_version: int = -1
+    """weights.mode=stop_the_world only: the weight version whose rollout quota `quota_left` counts
+    (the broker's latest version); -1 in the in-flight mode, where there is no quota."""
+    quota_left: int = -1
+    """Rollouts (in whole groups) the broker still accepts at `quota_version`; 0 means full: do not
+    start groups until a newer version is loaded. -1: no quota."""
 
 
 class BatchRequest(Record):
@@ -323,6 +329,12 @@ class Status(Record):
     rollouts_per_second: float
     stored_total: int = 0
     dropped_stale_total: int = 0
+    consumed_total: int = 0
+    """Rollouts served to learner ranks. Every stored rollout is consumed, dropped stale or buffered:
+    stored_total == consumed_total + dropped_stale_total + buffer_depth."""
+    quota_version: int = -1
+    """As in Ack (stop_the_world only): the version the quota counts, and what it still accepts."""
+    quota_left: int = -1
 
 
 class Error(Record):

@@ -101,6 +101,9 @@ class BrokerClient:
         """Recent Error replies from the broker, newest last."""
         self.ack_latencies: list[float] | None = None
         """Set to a list to collect first-send-to-ack seconds per rollout (benchmarks)."""
+        self.quota: tuple[int, int] | None = None
+        """weights.mode=stop_the_world: (version, rollouts left) from the broker's newest Ack carrying a
+        quota (the highest version wins, so a late Ack for an older version never overrides it)."""
 
         self._lock = threading.RLock()
         self._unacked: OrderedDict[str, list] = OrderedDict()  # id -> [rollout, last_sent, first_sent]
@@ -356,6 +359,8 @@ class BrokerClient:
             return  # the broker never sends garbage; ignoring it is all a client can do
         body, msg_id = message.body, message.msg_id
         if isinstance(body, Ack):
+            if body.quota_version >= 0 and (self.quota is None or body.quota_version >= self.quota[0]):
+                self.quota = (body.quota_version, body.quota_left)
             now = self.clock()
             for rid in body.rollout_ids:
                 entry = self._unacked.pop(rid, None)
