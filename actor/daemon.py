@@ -2,7 +2,7 @@
 
     ActorDaemon(config, model_path, client, task).run()
 
-- the engine starts with the parity settings and writes <run_dir>/engine_report.json,
+- the engine starts with the parity settings and writes <run_dir>/engine_report-<actor_id>.json,
 - the client says hello with the loaded version, then heartbeats in its own thread,
 - `_weights_loop` takes WeightsAnnounce messages, runs the in-flight update and acks the version
   (VersionAck ok=False with the error on failure; the daemon then stops, since its weights may be mixed),
@@ -59,7 +59,8 @@ class ActorDaemon:
         self.engine = await ActorEngine.start(cfg.actor.engine, cfg.model, self.model_path,
                                               device=resolve_device(cfg.run.device), run_dir=cfg.run.dir,
                                               initial_version=self.initial_version, weight_backend=backend,
-                                              weight_timeout_s=cfg.weights.timeout_s)
+                                              weight_timeout_s=cfg.weights.timeout_s,
+                                              report_name=f"engine_report-{self.actor_id}.json")
         return self.engine
 
     async def _weights_loop(self) -> None:

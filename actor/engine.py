@@ -118,8 +118,10 @@ class ActorEngine:
     @classmethod
     async def start(cls, engine: EngineConfig, model: ModelConfig, model_path: str, device: str = "cpu",
                     run_dir: str | Path | None = None, initial_version: int = 0,
-                    weight_backend: str = "auto", weight_timeout_s: float = 120.0) -> ActorEngine:
-        """Check parity, start the engine, verify the effective settings, write the engine report."""
+                    weight_backend: str = "auto", weight_timeout_s: float = 120.0,
+                    report_name: str = "engine_report.json") -> ActorEngine:
+        """Check parity, start the engine, verify the effective settings, write the engine report
+        to <run_dir>/<report_name>."""
         violations = check_parity(engine)  # raises unless allow_parity_break
         for message in violations:
             log.warning("parity_break_allowed", detail=message)
@@ -142,7 +144,7 @@ class ActorEngine:
             raise
         log.info("engine_report", **{k: v for k, v in report.items() if k != "requested"})
         if run_dir is not None:
-            out = Path(run_dir) / "engine_report.json"
+            out = Path(run_dir) / report_name
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
         return cls(llm, engine, report, initial_version, weight_backend, weight_timeout_s)

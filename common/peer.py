@@ -107,6 +107,8 @@ class BrokerClient:
 
         self._lock = threading.RLock()
         self._unacked: OrderedDict[str, list] = OrderedDict()  # id -> [rollout, last_sent, first_sent]
+        self.acked_total = 0
+        """Distinct rollouts the broker acknowledged (stored): the actor's side of the books."""
         self._replies: dict[str, Record] = {}
         self._waiting: set[str] = set()
         self._batches: deque[RolloutBatch] = deque()
@@ -364,8 +366,10 @@ class BrokerClient:
             now = self.clock()
             for rid in body.rollout_ids:
                 entry = self._unacked.pop(rid, None)
-                if entry is not None and self.ack_latencies is not None:
-                    self.ack_latencies.append(now - entry[2])
+                if entry is not None:
+                    self.acked_total += 1
+                    if self.ack_latencies is not None:
+                        self.ack_latencies.append(now - entry[2])
         elif isinstance(body, Error):
             self.errors.append(body)
             if body.code == "not_registered":

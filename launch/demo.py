@@ -1,8 +1,13 @@
 """`tether demo`: the embedded end-to-end job on a machine with no GPU and no model hub.
 
-Stage 1 (this version): build and warm-start the embedded tiny model, then evaluate its held-out
-greedy accuracy with a real vLLM V1 engine under tether's pinned parity settings. The training
-stages (broker, actors, learner with in-flight updates) join here as they land.
+1. Build (or reuse) the embedded tiny model and measure its held-out greedy accuracy with vLLM V1.
+2. Train it with the whole system: a broker, N actors (vLLM V1, in-flight weight updates) and a
+   torchrun learner of R ranks (FSDP2), with live progress from the learner's metrics.
+3. Measure the trained model's held-out greedy accuracy the same way, plot the run's metrics and
+   write a summary.
+
+Everything lands in the run directory: resolved configs, logs, metrics.jsonl, checkpoints,
+metrics.png and summary.json. Ctrl-C or SIGTERM stops every daemon.
 """
 
 from __future__ import annotations
@@ -10,62 +15,215 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
-from tether.common.config import load_config, save_resolved
+from tether.common.config import RunConfig, load_config, save_resolved
 from tether.common.logging import configure_logging, get_logger
+from tether.launch.plot import plot_metrics
+from tether.launch.supervisor import ProcessSpec, Supervisor
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+ACCURACY_TARGET = 0.8
+
+log = get_logger("tether.demo")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tether demo", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="run config YAML (default: configs/demo.yaml)")
     parser.add_argument("--run-dir", help="run directory (overrides run.dir)")
+    parser.add_argument("--actors", type=int, default=2, help="actor daemons (default 2)")
+    parser.add_argument("--learner-ranks", type=int, default=2, help="torchrun learner ranks (default 2)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run directory's training instead of starting it afresh")
+    parser.add_argument("--no-eval", action="store_true", help="skip the vLLM accuracy evaluations")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
+    if args.actors < 1 or args.learner_ranks < 1:
+        parser.error("--actors and --learner-ranks must be >= 1")
 
     overrides = list(args.overrides) + ([f"run.dir={args.run_dir}"] if args.run_dir else [])
     config = load_config(args.config, overrides)
     run_dir = Path(config.run.dir)
+    if not args.resume:
+        _clear_training_state(run_dir)
     configure_logging("demo", run_dir=run_dir, level=config.run.log_level)
-    log = get_logger("tether.demo")
-    save_resolved(config, run_dir, "demo")
-
-    import torch
-
-    torch.set_num_threads(2)
-    from tether.actor.evaluate import evaluate_greedy
-    from tether.actor.tasks import build_task
-    from tether.common.tiny_model import build_tiny_model
-
     started = time.monotonic()
-    model_dir = Path(config.model.path) if config.model.path else run_dir / "tiny-model"
-    if not config.model.path:
-        # Reuse a model built by an earlier run: the build is deterministic for a seed.
-        report_path = model_dir / "tether_tiny_model.json"
-        if report_path.is_file():
-            log.info("reusing tiny model", path=str(model_dir), **json.loads(report_path.read_text()))
-        else:
-            log.info("building tiny model", path=str(model_dir), seed=config.run.seed)
-            log.info("tiny model ready", **dataclasses.asdict(build_tiny_model(model_dir, seed=config.run.seed)))
 
-    task = build_task(config.task)
-    result = evaluate_greedy(str(model_dir), task, config.actor.engine, config.model)
+    model_dir = Path(config.model.path) if config.model.path else _ensure_tiny_model(run_dir / "tiny-model", config)
+    # Every daemon reads this one file: the run's config with the model path made explicit.
+    config = load_config(args.config, overrides + [f"model.path={model_dir}"])
+    run_config_path = save_resolved(config, run_dir, "run")
+
+    before = None if args.no_eval else _evaluate(model_dir, config, "warm start")
+    train_started = time.monotonic()
+    try:
+        records = _train(config, run_config_path, args.actors, args.learner_ranks)
+    except KeyboardInterrupt:
+        print("\n[tether] interrupted: every daemon was stopped; partial results are in", run_dir, file=sys.stderr)
+        return 130
+    train_seconds = time.monotonic() - train_started
+
+    plot = plot_metrics(run_dir / "metrics.jsonl", run_dir / "metrics.png") if records else None
+    trained = _final_model(run_dir)
+    after = None if args.no_eval or trained is None else _evaluate(trained, config, "trained")
     summary = {
-        "model": str(model_dir),
+        "run_dir": str(run_dir),
         "task": config.task.name,
-        "eval_prompts": result.num_prompts,
-        "greedy_accuracy": result.accuracy,
-        "seconds": round(time.monotonic() - started, 1),
+        "steps": records[-1]["step"] if records else 0,
+        "train_minutes": round(train_seconds / 60, 2),
+        "total_minutes": round((time.monotonic() - started) / 60, 2),
+        "accuracy_before": before,
+        "accuracy_after": after,
+        "accuracy_target": ACCURACY_TARGET,
+        "target_met": after is not None and after >= ACCURACY_TARGET,
+        "final_reward_mean": records[-1].get("reward_mean") if records else None,
+        "parity_lag0_max_over_run": max((r["parity_lag0_max"] for r in records if r.get("parity_lag0_tokens")), default=None),
+        "trained_model": str(trained) if trained else None,
+        "plot": str(plot) if plot else None,
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     log.info("demo finished", **summary)
-    print(f"\n{config.task.name}: held-out greedy accuracy {result.accuracy:.1%} "
-          f"on {result.num_prompts} prompts with vLLM V1 (model {model_dir})")
+    _print_summary(summary)
     return 0
+
+
+def _clear_training_state(run_dir: Path) -> None:
+    """Start training afresh but keep the (deterministic, slow-ish to build) tiny model."""
+    for name in ("checkpoints", "logs", "config"):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    for name in ("metrics.jsonl", "metrics.png", "summary.json"):
+        (run_dir / name).unlink(missing_ok=True)
+    for report in run_dir.glob("engine_report*.json"):
+        report.unlink()
+
+
+def _ensure_tiny_model(model_dir: Path, config: RunConfig) -> Path:
+    import torch
+
+    from tether.common.tiny_model import build_tiny_model
+
+    report_path = model_dir / "tether_tiny_model.json"
+    if report_path.is_file() and json.loads(report_path.read_text()).get("seed") == config.run.seed:
+        log.info("reusing tiny model", path=str(model_dir))
+        return model_dir
+    log.info("building tiny model", path=str(model_dir), seed=config.run.seed)
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    report = build_tiny_model(model_dir, seed=config.run.seed)
+    log.info("tiny model ready", **dataclasses.asdict(report))
+    return model_dir
+
+
+def _evaluate(model_dir: Path, config: RunConfig, label: str) -> float:
+    """Held-out greedy accuracy with a real vLLM V1 engine (the engine is shut down afterwards)."""
+    from tether.actor.evaluate import evaluate_greedy
+    from tether.actor.tasks import build_task
+
+    result = evaluate_greedy(str(model_dir), build_task(config.task), config.actor.engine, config.model)
+    log.info("held-out greedy accuracy", model=label, accuracy=result.accuracy, prompts=result.num_prompts)
+    print(f"[tether] {label}: held-out greedy accuracy {result.accuracy:.1%} on {result.num_prompts} prompts",
+          file=sys.stderr)
+    return result.accuracy
+
+
+def daemon_specs(config: RunConfig, run_config_path: Path, actors: int, learner_ranks: int) -> list[ProcessSpec]:
+    """The broker, the actors and the torchrun learner of one run, in start order."""
+    python = sys.executable
+    logs = Path(config.run.dir) / "logs"
+    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+           "PYTHONUNBUFFERED": "1"}
+    cfg = ["--config", str(run_config_path)]
+    specs = [ProcessSpec("broker", [python, "-m", "tether.broker", *cfg], logs / "broker.out", env)]
+    specs += [
+        ProcessSpec(f"actor-{i}", [python, "-m", "tether.actor", *cfg, f"actor.actor_id=actor-{i}"],
+                    logs / f"actor-{i}.out", env)
+        for i in range(actors)
+    ]
+    specs.append(ProcessSpec(
+        "learner",
+        [python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={learner_ranks}",
+         "-m", "tether.learner", *cfg],
+        logs / "learner.out", env,
+    ))
+    return specs
+
+
+def _train(config: RunConfig, run_config_path: Path, actors: int, learner_ranks: int) -> list[dict]:
+    """Run the daemons until the learner finishes; return the learner's metrics records."""
+    metrics_path = Path(config.run.dir) / "metrics.jsonl"
+    with Supervisor(grace_seconds=15.0) as supervisor:
+        children = [supervisor.start(spec) for spec in daemon_specs(config, run_config_path, actors, learner_ranks)]
+        learner = children[-1]
+        records = _follow(metrics_path, config.learner.steps, supervisor, learner)
+        if learner.returncode != 0:
+            raise SystemExit(f"the learner failed (exit {learner.returncode}); see {learner.spec.log_path}")
+    return records
+
+
+def _follow(metrics_path: Path, total_steps: int, supervisor: Supervisor, learner) -> list[dict]:
+    """Show a progress bar and one line per learner step until the learner exits."""
+    from tqdm import tqdm
+
+    records: list[dict] = []
+    offset = 0
+    with tqdm(total=total_steps, desc="training", unit="step", file=sys.stderr, dynamic_ncols=True) as bar:
+        while True:
+            learner_done = learner.returncode is not None
+            if metrics_path.is_file():
+                with open(metrics_path) as f:
+                    f.seek(offset)
+                    for line in f:
+                        if not line.endswith("\n"):
+                            break  # a line still being written: read it next time
+                        offset += len(line.encode())
+                        record = json.loads(line)
+                        records.append(record)
+                        bar.update(record["step"] - bar.n)
+                        tqdm.write(format_step(record, total_steps), file=sys.stderr)
+            if learner_done:
+                return records
+            failed = [c for c in supervisor.failed() if c is not learner]
+            if failed:
+                raise SystemExit(f"{failed[0].spec.name} exited with {failed[0].returncode}; see {failed[0].spec.log_path}")
+            time.sleep(0.5)
+
+
+def format_step(r: dict, total_steps: int) -> str:
+    """One console line per step: reward, kl, clip fraction, parity, lag, tokens/s."""
+
+    def num(key: str, spec: str) -> str:
+        value = r.get(key)
+        return format(value, spec) if isinstance(value, int | float) else "-"
+
+    parity = f"{num('parity_lag0_mean', '.1e')}/{num('parity_lag0_max', '.1e')}" if r.get("parity_lag0_tokens") else "n/a"
+    return (f"step {r['step']:>4}/{total_steps}  reward {num('reward_mean', '.3f')}  kl {num('kl_new_old', '.2e')}  "
+            f"clip {num('clamp_log_ratio_new_old_indicator', '.3f')}  parity(lag0 mean/max) {parity}  "
+            f"lag {num('lag_mean', '.2f')}  tok/s {num('tokens_per_s', '.0f')}  dropped {r.get('samples_dropped', 0)}")
+
+
+def _final_model(run_dir: Path) -> Path | None:
+    from tether.learner.checkpoint import latest_checkpoint
+
+    checkpoint = latest_checkpoint(run_dir)
+    return checkpoint / "hf" if checkpoint is not None else None
+
+
+def _print_summary(s: dict) -> None:
+    def pct(value) -> str:
+        return f"{value:.1%}" if isinstance(value, float) else "not measured"
+
+    verdict = "target met" if s["target_met"] else "target NOT met"
+    print(
+        f"\n== tether demo: {s['task']} ==\n"
+        f"held-out greedy accuracy: {pct(s['accuracy_before'])} (warm start) -> {pct(s['accuracy_after'])} "
+        f"after {s['steps']} steps ({verdict}: {s['accuracy_target']:.0%})\n"
+        f"training took {s['train_minutes']:.1f} min, the whole demo {s['total_minutes']:.1f} min\n"
+        f"run directory: {s['run_dir']} (metrics.jsonl, metrics.png, checkpoints/, logs/, summary.json)"
+    )
 
 
 if __name__ == "__main__":

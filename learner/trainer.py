@@ -131,8 +131,10 @@ class Learner:
         """Fetch this rank's rollouts, take one optimizer step, return the step's (global) metrics."""
         cfg = self.config.learner
         started = time.perf_counter()
-        batch, prepared, totals, skipped_dropped, skipped_empty = self._fetch_trainable_batch()
+        batch, prepared, totals, skipped = self._fetch_trainable_batch()
+        skipped_dropped, skipped_empty, skipped_received = skipped
         m = StepMetrics()
+        m.add("samples_received", skipped_received + len(batch.rollouts))
         m.add("samples_dropped", skipped_dropped + batch.dropped_stale + prepared.dropped_stale)
         m.add("samples_empty", skipped_empty + prepared.dropped_empty)
         m.add("sequences", len(prepared.rewards))
@@ -183,7 +185,7 @@ class Learner:
         trainable is a configuration error and fails after MAX_EMPTY_FETCHES tries.
         """
         cfg = self.config.learner
-        skipped_dropped = skipped_empty = 0
+        skipped_dropped = skipped_empty = skipped_received = 0
         for _ in range(MAX_EMPTY_FETCHES):
             batch = self.source.next_batch(
                 step=self.version, rank=self.rank, world_size=self.world_size, size=cfg.rollouts_per_step,
@@ -198,9 +200,10 @@ class Learner:
             totals.max("micro_batches", len(prepared.micro_batches))
             totals = totals.reduce(self.device)
             if totals.sums["tokens"] > 0:
-                return batch, prepared, totals, skipped_dropped, skipped_empty
+                return batch, prepared, totals, (skipped_dropped, skipped_empty, skipped_received)
             skipped_dropped += batch.dropped_stale + prepared.dropped_stale
             skipped_empty += prepared.dropped_empty
+            skipped_received += len(batch.rollouts)
             if self.rank == 0:
                 log.warning("no trainable sample in the batch; fetching another", version=self.version,
                             dropped=int(totals.sums["dropped"]), max_lag=cfg.max_lag)
@@ -295,7 +298,7 @@ class Learner:
             "tokens_per_s": g.sums["completion_tokens"] / seconds,
             "sequence_tokens_per_s": g.sums["real_tokens"] / seconds,
             "pad_fraction": g.sums["pad_tokens"] / max(g.sums["pad_tokens"] + g.sums["real_tokens"], 1.0),
-            "samples": int(n), "samples_dropped": int(g.sums["samples_dropped"]), "samples_dropped_total": self.dropped_total,
+            "samples": int(n), "samples_received": int(g.sums["samples_received"]), "samples_dropped": int(g.sums["samples_dropped"]), "samples_dropped_total": self.dropped_total,
             "samples_empty": int(g.sums["samples_empty"]), "tokens_outside_support": int(g.sums["tokens_outside_support"]),
             "parity_lag0_mean": g.ratio("parity_lag0_sum", "parity_lag0_tokens"),
             "parity_lag0_max": g.maxes["parity_lag0_max"] if g.sums["parity_lag0_tokens"] else float("nan"), "parity_lag0_tokens": int(g.sums["parity_lag0_tokens"]),

@@ -1,0 +1,125 @@
+"""The whole system for a few steps: broker, 2 actors (real vLLM V1), a 2-rank torchrun learner.
+
+Checked from what the daemons leave behind (metrics, logs, the broker's journal and its Status):
+versions advance; every actor loads every version published after it joined; per-token versions
+never decrease within a sequence; no acked rollout is lost (actor acks = broker stored = consumed +
+dropped + buffered, and the learner received exactly what the broker handed out); lag stays within
+max_lag; lag-0 tokens hold the parity floor.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_broker_helpers import free_port
+
+from tether.broker.journal import PUT, Journal
+from tether.common.config import load_config, save_resolved
+from tether.common.peer import BrokerClient
+from tether.launch.demo import DEFAULT_CONFIG, daemon_specs
+from tether.launch.plot import read_metrics
+from tether.launch.supervisor import Supervisor
+
+pytestmark = pytest.mark.slow
+
+STEPS = 4
+MAX_LAG = 2
+ACTORS = 2
+
+
+def _json_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _wait_for_learner(supervisor: Supervisor, learner, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while learner.returncode is None:
+        others = [c for c in supervisor.failed() if c is not learner]
+        assert not others, f"{others[0].spec.name} died; see {others[0].spec.log_path}"
+        assert time.monotonic() < deadline, f"learner did not finish in {timeout_s}s; see {learner.spec.log_path}"
+        time.sleep(0.5)
+
+
+def _status_when_actors_hold(client: BrokerClient, version: int, timeout_s: float = 60.0):
+    """The broker's Status once every actor has acked `version` (the last update may still be loading)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        status = client.status()
+        actors = [p for p in status.peers if p.role == "actor"]
+        if len(actors) == ACTORS and all(p.loaded_version == version for p in actors):
+            return status
+        assert time.monotonic() < deadline, f"actors never all held version {version}: {actors}"
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def run(tiny_model_dir, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("e2e")
+    overrides = [
+        f"run.dir={run_dir}", f"model.path={tiny_model_dir}", f"learner.steps={STEPS}",
+        "learner.rollouts_per_step=16", "learner.micro_batch_size=8", f"learner.max_lag={MAX_LAG}",
+        "actor.sampling.group_size=4", "actor.max_groups_in_flight=4", "actor.max_unacked_rollouts=16",
+        "broker.buffer_capacity=64", f"broker.journal_path={run_dir / 'journal.bin'}",
+        f"broker.port={free_port()}", f"broker.store_port={free_port()}",
+    ]
+    config = load_config(DEFAULT_CONFIG, overrides)
+    run_config = save_resolved(config, run_dir, "run")
+    with Supervisor(grace_seconds=20.0) as supervisor:
+        children = [supervisor.start(s) for s in daemon_specs(config, run_config, ACTORS, learner_ranks=2)]
+        actors, learner = children[1:-1], children[-1]
+        _wait_for_learner(supervisor, learner, timeout_s=600)
+        assert learner.returncode == 0, f"learner failed; see {learner.spec.log_path}"
+        with BrokerClient.from_config(config.broker, peer_id="e2e-test", role="tool") as client:
+            _status_when_actors_hold(client, STEPS)
+            for actor in actors:  # graceful stop: each flushes and logs its books
+                supervisor.stop(actor)
+            status = client.status()
+    return run_dir, status
+
+
+def test_versions_advance_and_every_actor_loads_every_later_version(run):
+    run_dir, status = run
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, STEPS + 1))
+    assert status.latest_version == STEPS
+    for i in range(ACTORS):
+        events = _json_lines(run_dir / "logs" / f"actor-{i}.jsonl")
+        loaded = [e["version"] for e in events if e["event"] == "weights_updated"]
+        # An actor that joined late starts from the version it was re-sent; after that, none is skipped.
+        assert loaded and loaded == list(range(loaded[0], STEPS + 1)), (i, loaded)
+
+
+def test_token_versions_never_decrease_and_stay_in_range(run):
+    run_dir, _ = run
+    rollouts = [value for kind, value in Journal(run_dir / "journal.bin").replay() if kind == PUT]
+    assert rollouts
+    for rollout in rollouts:
+        versions = rollout.versions.numpy()
+        assert np.all(np.diff(versions) >= 0), rollout.rollout_id
+        assert versions.size == 0 or (versions[0] >= 0 and versions[-1] <= STEPS)
+
+
+def test_no_acked_rollout_is_lost(run):
+    run_dir, status = run
+    acked = 0
+    for i in range(ACTORS):
+        stopped = [e for e in _json_lines(run_dir / "logs" / f"actor-{i}.jsonl") if e["event"] == "actor stopped"]
+        assert len(stopped) == 1, f"actor-{i} did not stop gracefully"
+        acked += stopped[0]["rollouts_acked"]
+    assert acked == status.stored_total > 0
+    assert status.stored_total == status.consumed_total + status.dropped_stale_total + status.buffer_depth
+    received = sum(r["samples_received"] for r in read_metrics(run_dir / "metrics.jsonl"))
+    assert received == status.consumed_total
+
+
+def test_lag_stays_within_max_lag_and_lag0_tokens_hold_parity(run):
+    run_dir, _ = run
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert all(r["lag_max"] <= MAX_LAG for r in records)
+    with_parity = [r for r in records if r["parity_lag0_tokens"]]
+    assert with_parity and with_parity[0]["step"] == 1  # the first step trains on version-0 rollouts only
+    # fp32 on both sides: the floor is ~1e-7 mean; 1e-4 max leaves room for summation order only.
+    assert all(r["parity_lag0_max"] < 1e-4 and r["parity_lag0_mean"] < 1e-5 for r in with_parity)
