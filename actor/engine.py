@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
 from tether.actor.engine_args import PARITY_RULES, check_parity, engine_kwargs
 from tether.common.config import EngineConfig, ModelConfig
 from tether.common.errors import ConfigError
@@ -84,7 +85,7 @@ def _token_logprobs(output) -> np.ndarray:
     if output.logprobs is None:
         raise RuntimeError("completion has no logprobs; SamplingParams.logprobs must be set")
     return np.asarray(
-        [position[token].logprob for token, position in zip(output.token_ids, output.logprobs)],
+        [position[token].logprob for token, position in zip(output.token_ids, output.logprobs, strict=True)],
         dtype=np.float32,
     )
 
@@ -125,9 +126,10 @@ class ActorEngine:
         violations = check_parity(engine)  # raises unless allow_parity_break
         for message in violations:
             log.warning("parity_break_allowed", detail=message)
-        import tether.actor.fp32_head  # noqa: F401  registers the fp32 head config before vLLM parses it
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
+
+        import tether.actor.fp32_head  # noqa: F401  registers the fp32 head config before vLLM parses it
 
         kwargs = engine_kwargs(engine, model, model_path, device)
         llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
@@ -177,7 +179,7 @@ class ActorEngine:
         params.output_kind = RequestOutputKind.FINAL_ONLY
         request_id = request_id or self.new_request_id()
         final = None
-        async for final in self.stream(prompt_token_ids, params, request_id):
+        async for final in self.stream(prompt_token_ids, params, request_id):  # noqa: B007 - keep the last
             pass
         return completion_from_output(final)
 

@@ -54,8 +54,9 @@ def resolve_device(device: str) -> str:
 def start_engine(model_dir: str | Path, engine_cfg: EngineConfig, model_cfg: ModelConfig, device: str = "cpu"):
     """A vllm.LLM with tether's pinned settings; refuses parity-breaking settings (check_parity)."""
     check_parity(engine_cfg)
-    import tether.actor.fp32_head  # noqa: F401  registers the fp32 head quantization engine_kwargs may name
     from vllm import LLM
+
+    import tether.actor.fp32_head  # noqa: F401  registers the fp32 head quantization engine_kwargs may name
 
     return LLM(**engine_kwargs(engine_cfg, model_cfg, str(model_dir), device=resolve_device(device)))
 

@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tether.actor.engine_args import FP32_HEAD_QUANTIZATION
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
@@ -29,6 +28,8 @@ from vllm.model_executor.layers.vocab_parallel_embedding import (
     ParallelLMHead,
     UnquantizedEmbeddingMethod,
 )
+
+from tether.actor.engine_args import FP32_HEAD_QUANTIZATION
 
 
 class Fp32LMHeadMethod(UnquantizedEmbeddingMethod):

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import numpy as np
+
 from tether.actor.engine import ActorEngine, Completion
 from tether.actor.tasks import Prompt, Task
 from tether.common.config import SamplingConfig
@@ -86,7 +87,7 @@ class GroupGenerator:
             to_rollout(c, group_id=group_id, group_size=self.sampling.group_size, actor_id=self.actor_id,
                        task=self.task.name or "task", reward=self.task.reward(prompt, c.text),
                        sampling=self.sampling, seed=seed)
-            for c, seed in zip(completions, seeds)
+            for c, seed in zip(completions, seeds, strict=True)
         ]
 
 

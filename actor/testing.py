@@ -16,8 +16,9 @@ def build_random_qwen2(out_dir: str | Path, *, hidden_size: int = 128, num_layer
                        num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 384,
                        vocab_size: int = 257, head_std: float = 0.25, seed: int = 0) -> Path:
     """Save a random fp32 Qwen2 (untied lm_head) plus the byte-level tokenizer to `out_dir`."""
-    from tether.common.tiny_model import EOS_ID, build_tokenizer
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
+
+    from tether.common.tiny_model import EOS_ID, build_tokenizer
 
     out = Path(out_dir)
     config = Qwen2Config(

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from tether.common import wire
 from tether.common.config.broker import BrokerConfig
 from tether.common.messages import Rollout, SamplingSpec, float32_array, int32_array

@@ -40,12 +40,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     cuda = torch.cuda.is_available()
 
+    from transformers import AutoModelForCausalLM
+
     from tether.common.config import load_config
     from tether.common.messages import SamplingSpec
     from tether.learner.source import InMemoryBatchSource
     from tether.learner.synthetic import sample_rollouts
     from tether.learner.trainer import Learner
-    from transformers import AutoModelForCausalLM
 
     work = Path(tempfile.mkdtemp(prefix="bench-learner-"))
     model_dir = Path(args.model) if args.model else work / "model"

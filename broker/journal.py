@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import msgspec
+
 from tether.common.messages import Rollout
 
 PUT = 1

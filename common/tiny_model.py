@@ -227,10 +227,11 @@ def build_tiny_model(
     weights. Returns the report that is also written to <out_dir>/tether_tiny_model.json.
     """
     import torch
+    from transformers import Qwen2ForCausalLM
+
     from tether.actor.tasks import build_task
     from tether.common.config import TaskConfig
     from tether.common.logging import get_logger
-    from transformers import Qwen2ForCausalLM
 
     for name, value in (("max_steps", max_steps), ("eval_interval", eval_interval), ("batch_size", batch_size)):
         if value < 1:

@@ -29,6 +29,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
 from tether.common.messages import TensorSpec
 
 ALIGN = 64

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
 from tether.common.config import load_config, save_resolved
 from tether.common.logging import configure_logging, get_logger
 from tether.learner.publish import BrokerRendezvous, StaticRendezvous

@@ -21,10 +21,11 @@ from typing import Protocol
 
 import torch
 import torch.distributed as dist
+from torch import nn
+
 from tether.common.messages import TensorSpec, WeightsAnnounce
 from tether.common.weight_group import WeightGroup, bucket_plan, dtype_name, join_weight_group
 from tether.learner.model import full_tensor, publish_dtype
-from torch import nn
 
 
 class Rendezvous(Protocol):

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Protocol
 
 import msgspec
+
 from tether.common.logging import get_logger
 from tether.common.messages import Rollout, RolloutBatch
 

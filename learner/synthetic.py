@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
 from tether.common.messages import Rollout, SamplingSpec, float32_array, int32_array
 from tether.learner.logprobs import process_logits
 

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from tether.learner.algorithms import LossInput, LossParams, available_algorithms, get_algorithm
 from tether.learner.algorithms.core import (
     group_centred_advantages,

@@ -13,6 +13,7 @@ import msgspec
 import pytest
 import zmq
 from test_broker_helpers import free_port, make_rollout
+
 from tether.common import wire
 from tether.common.config.broker import BrokerConfig
 from tether.common.messages import Hello
@@ -189,6 +190,7 @@ def test_store_is_hosted_and_status_cli_prints_the_table(daemon, capsys):
     from datetime import timedelta
 
     import torch.distributed as dist
+
     from tether.broker.status import main as status_main
 
     store_port = free_port()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 
 import numpy as np
+
 from tether.common.messages import Rollout, SamplingSpec, float32_array, int32_array
 
 

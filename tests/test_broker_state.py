@@ -5,6 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 from test_broker_helpers import FakeClock, make_rollout
+
 from tether.broker.buffer import RolloutBuffer
 from tether.broker.journal import Journal
 from tether.broker.state import BrokerState

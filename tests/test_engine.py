@@ -14,6 +14,7 @@ import socket
 import numpy as np
 import pytest
 import torch
+
 from tether.actor.engine import ActorEngine
 from tether.actor.engine_args import check_parity
 from tether.actor.testing import (
@@ -145,10 +146,11 @@ class _SlowAckSink:
 
 
 def test_rollout_pump_groups_rewards_and_backpressure(loop, engine, model_dir):
+    from transformers import AutoTokenizer
+
     from tether.actor.rollouts import GroupGenerator, RolloutPump
     from tether.actor.tasks import build_task
     from tether.common.config import SamplingConfig, TaskConfig
-    from transformers import AutoTokenizer
 
     task = build_task(TaskConfig(name="arithmetic"))
     sampling = SamplingConfig(temperature=T, top_k=TOP_K, top_p=TOP_P, max_tokens=6, group_size=4)

@@ -8,6 +8,7 @@ import asyncio
 import numpy as np
 import pytest
 import torch
+
 from tether.actor.engine import ActorEngine
 from tether.actor.testing import build_random_qwen2, load_reference_model, reference_logprobs
 from tether.common.config import EngineConfig, ModelConfig
@@ -55,7 +56,7 @@ def test_b_fp32_head_with_bf16_body(tmp_path):
     gap_with, gap_without = gap(with_head), gap(without)
     # Head effect alone: same engine body, same seeds; compare where both engines sampled the same tokens.
     head_effect = []
-    for a, b in zip(with_head, without):
+    for a, b in zip(with_head, without, strict=True):
         n = 0
         while n < min(len(a.token_ids), len(b.token_ids)) and a.token_ids[n] == b.token_ids[n]:
             n += 1

@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
+
 from tether.common.messages import SamplingSpec, TensorSpec
 from tether.common.weight_group import WeightReceiver, join_weight_group
 
@@ -48,9 +49,10 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def rollouts_file(model_dir, tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
     from tether.learner.source import save_rollouts
     from tether.learner.synthetic import sample_rollouts
-    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     rollouts = sample_rollouts(model, groups=4, group_size=4, max_tokens=8, target_token=49,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from tether.common.messages import SamplingSpec
 
 pytestmark = pytest.mark.slow
@@ -12,9 +13,10 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
     from tether.common.tiny_model import build_tiny_model
     from tether.learner.synthetic import sample_rollouts
-    from transformers import AutoModelForCausalLM
 
     model_dir = tmp_path_factory.mktemp("single-model")
     build_tiny_model(model_dir, seed=1, warm_start=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from tether.common.messages import Rollout, SamplingSpec, float32_array, int32_array
 from tether.learner.algorithms.core import group_normalised_advantages
 from tether.learner.batch import keep_fresh, prepare_batch
@@ -80,8 +81,9 @@ def test_config_rejects_bad_learner_keys():
 
 
 def test_publisher_skips_broadcast_without_receivers_and_names_hf_tensors():
-    from tether.learner.publish import StaticRendezvous, WeightPublisher
     from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from tether.learner.publish import StaticRendezvous, WeightPublisher
 
     config = Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)

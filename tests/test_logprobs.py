@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+
 from tether.learner.logprobs import process_logits, processed_entropy, processed_logprobs
 
 torch.set_num_threads(1)

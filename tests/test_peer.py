@@ -6,6 +6,7 @@ import threading
 
 import pytest
 from test_broker_helpers import make_rollout
+
 from tether.broker.server import BrokerServer
 from tether.broker.state import BrokerState
 from tether.common import wire

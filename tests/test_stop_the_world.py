@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_broker_helpers import FakeClock, free_port, make_rollout
+
 from tether.actor.rollouts import StopTheWorldGate
 from tether.broker.server import BrokerServer
 from tether.broker.state import BrokerState

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from tether.actor.tasks import Prompt, Task, build_task, register_task, task_names
 from tether.actor.tasks.jsonl import last_number
 from tether.common.config import TaskConfig

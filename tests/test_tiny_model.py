@@ -7,6 +7,7 @@ import json
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+
 from tether.common.tiny_model import (
     EOS_ID,
     EOS_TOKEN,
@@ -21,8 +22,9 @@ from tether.common.tiny_model import (
 @pytest.fixture(scope="module")
 def hf_tokenizer(tmp_path_factory):
     """The tokenizer as saved by the build and loaded back through AutoTokenizer (no model needed)."""
-    from tether.common.tiny_model import build_tokenizer
     from transformers import AutoTokenizer
+
+    from tether.common.tiny_model import build_tokenizer
 
     out = tmp_path_factory.mktemp("tokenizer")
     build_tokenizer().save_pretrained(out)
@@ -67,9 +69,10 @@ def test_saved_model_loads_in_transformers_with_its_own_lm_head(tiny_model_dir):
 @pytest.mark.slow
 def test_warm_start_report_is_in_band_and_matches_the_saved_weights(tiny_model_dir):
     import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from tether.actor.tasks import build_task
     from tether.common.config import TaskConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     report = json.loads((tiny_model_dir / REPORT_FILE).read_text())
     low, high = WARM_START_BAND

@@ -5,6 +5,7 @@ from __future__ import annotations
 import zmq
 import zmq.auth
 from test_broker_helpers import free_port
+
 from tether.common.transport import (
     InProcHub,
     ZmqClientTransport,

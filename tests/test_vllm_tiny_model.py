@@ -6,6 +6,7 @@ One vLLM engine for the whole module (start-up is ~20 s on 2 cores).
 from __future__ import annotations
 
 import pytest
+
 from tether.actor.tasks import build_task
 from tether.common.config import EngineConfig, ModelConfig, TaskConfig
 
@@ -38,8 +39,9 @@ def llm(tiny_model_dir, engine_cfg):
 @pytest.fixture(scope="module")
 def hf_completions(tiny_model_dir, task):
     import torch
-    from tether.common.tiny_model import greedy_complete
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tether.common.tiny_model import greedy_complete
 
     torch.set_num_threads(1)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)

@@ -8,6 +8,7 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
+
 from tether.common.messages import TensorSpec
 from tether.common.weight_group import (
     ALIGN,
@@ -57,7 +58,7 @@ def test_bucket_plan_respects_limit_order_and_alignment():
             assert entry.offset % ALIGN == 0
             assert entry.nbytes == spec_nbytes(entry.spec)
         ends = [e.offset + e.nbytes for e in bucket.entries]
-        assert all(end <= nxt.offset for end, nxt in zip(ends, bucket.entries[1:]))
+        assert all(end <= nxt.offset for end, nxt in zip(ends, bucket.entries[1:], strict=False))
         assert bucket.nbytes == ends[-1]
     assert len(plan) >= 3
     oversized = [[e.spec.name for e in b.entries] for b in plan if b.nbytes > 4096]
@@ -85,7 +86,7 @@ def test_broadcast_is_bit_identical_between_processes(bucket_bytes):
             receiver = WeightReceiver(group)
             received = list(receiver.receive(specs, bucket_bytes))
         assert [name for name, _ in received] == [name for name, _ in expected]
-        for (name, got), (_, want) in zip(received, expected):
+        for (name, got), (_, want) in zip(received, expected, strict=True):
             assert got.dtype == want.dtype and got.shape == want.shape, name
             # Compare the bits, not the values: bf16 and fp32 must arrive exactly.
             assert torch.equal(got.contiguous().view(torch.uint8), want.contiguous().view(torch.uint8)), name

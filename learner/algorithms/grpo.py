@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from tether.learner.algorithms.core import (
     Algorithm,
     LossInput,

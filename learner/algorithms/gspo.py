@@ -8,6 +8,7 @@ e.g. clip_low=3e-4, clip_high=4e-4). Each token carries its sequence's loss, so
 from __future__ import annotations
 
 import torch
+
 from tether.learner.algorithms.core import (
     Algorithm,
     LossInput,

@@ -8,6 +8,7 @@ scaling of GRPO.
 from __future__ import annotations
 
 import torch
+
 from tether.learner.algorithms.core import (
     Algorithm,
     LossInput,
