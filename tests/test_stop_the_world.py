@@ -390,6 +390,6 @@ def test_real_broker_actor_learner_train_on_lag_zero_only(tiny_model_dir, tmp_pa
     assert status.consumed_total == 3 * 16
     assert status.latest_version == 3 and status.quota_version == 3
     # The actor idled between versions: its gate waited for each of versions 0, 1 and 2 to be replaced.
-    events = [json.loads(line) for line in Path(run_dir, "logs", "actor.jsonl").read_text().splitlines() if line.strip()]
+    events = [json.loads(line) for line in Path(run_dir, "logs", "actor-0.jsonl").read_text().splitlines() if line.strip()]
     waited = {e.get("version") for e in events if e.get("event") == "stop_the_world_waiting"}
     assert {0, 1, 2} <= waited, waited
