@@ -175,7 +175,7 @@ def table_rows(results: dict) -> list[tuple[str, str, str, str]]:
         rows += [("actor", "tokens/s actor / bare vLLM (ratio)", _fmt(t["ratio"]),
                   f"{t['actor_tokens_per_s']:.0f} vs {t['bare_tokens_per_s']:.0f} tok/s, tiny random model")]
     else:
-        rows.append(("actor", "tokens/s actor / bare vLLM", "failed", actor.get("error", "skipped")[:80]))
+        rows.append(("actor", "tokens/s actor / bare vLLM", "failed" if "error" in actor else "skipped", actor.get("error", "")[:80]))
     weights = results.get("weights", {})
     if weights.get("ok"):
         for w in weights["json"]:
@@ -185,7 +185,7 @@ def table_rows(results: dict) -> list[tuple[str, str, str, str]]:
             rows.append(("weights", f"pause per update s ({label})", _fmt(w["pause_s"]),
                          f"bare 2-process gloo broadcast {w['bare_broadcast_mb_per_s']:.0f} MB/s"))
     else:
-        rows.append(("weights", "broadcast / memcpy", "failed", weights.get("error", "skipped")[:80]))
+        rows.append(("weights", "broadcast / memcpy", "failed" if "error" in weights else "skipped", weights.get("error", "")[:80]))
     rc = results.get("race")
     if rc is None:
         rows.append(("race", "in-flight / stop-the-world", "skipped", ""))
@@ -212,14 +212,14 @@ def table_rows(results: dict) -> list[tuple[str, str, str, str]]:
                      f"{b['actors']} actors, {b['tokens']} tokens each; ack p50 {b.get('ack_p50_ms', 0):.0f} ms, "
                      f"p99 {b.get('ack_p99_ms', 0):.0f} ms"))
     else:
-        rows.append(("broker", "rollouts/s", "failed", broker.get("error", "skipped")[:80]))
+        rows.append(("broker", "rollouts/s", "failed" if "error" in broker else "skipped", broker.get("error", "")[:80]))
     learner = results.get("learner", {})
     if learner.get("ok"):
         m = learner["json"]
         rows.append(("learner", "completion tokens/s", _fmt(m["completion_tokens_per_s"], ".0f"),
                      f"{m['parameters'] / 1e6:.1f}M params, {m['algorithm']}, {m['device']}"))
     else:
-        rows.append(("learner", "tokens/s", "failed", learner.get("error", "skipped")[:80]))
+        rows.append(("learner", "tokens/s", "failed" if "error" in learner else "skipped", learner.get("error", "")[:80]))
     return rows
 
 
