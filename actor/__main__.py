@@ -19,11 +19,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from tether.actor.daemon import ActorDaemon, default_actor_id
     from tether.actor.tasks import build_task
-    from tether.common.config.loader import load_config, save_resolved
+    from tether.common.config.loader import load_config_or_exit, save_resolved
     from tether.common.logging import configure_logging, get_logger
     from tether.common.peer import BrokerClient
 
-    config = load_config(args.config, args.overrides)
+    config = load_config_or_exit(parser, args.config, args.overrides)
     actor_id = config.actor.actor_id or default_actor_id()
     # Several actors share a run directory: each gets its own log, resolved config and engine report.
     configure_logging(actor_id, config.run.dir, config.run.log_level)

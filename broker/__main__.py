@@ -7,8 +7,7 @@ import signal
 import sys
 
 from tether.broker.server import BrokerServer, build_state, build_transport
-from tether.common.config import load_config, save_resolved
-from tether.common.errors import ConfigError
+from tether.common.config import load_config_or_exit, save_resolved
 from tether.common.logging import configure_logging, get_logger
 
 
@@ -18,11 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=None, help="YAML run config")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. broker.port=5556")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_config_or_exit(parser, args.config, args.overrides)
     configure_logging(component="broker", run_dir=cfg.run.dir, level=cfg.run.log_level)
     save_resolved(cfg, cfg.run.dir, "broker")
     log = get_logger("tether.broker")

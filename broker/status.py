@@ -6,8 +6,7 @@ import argparse
 import sys
 import time
 
-from tether.common.config import load_config
-from tether.common.errors import ConfigError
+from tether.common.config import load_config_or_exit
 from tether.common.messages import Status
 from tether.common.peer import BrokerClient, BrokerError
 
@@ -39,11 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the broker")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. broker.port=5556")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+    cfg = load_config_or_exit(parser, args.config, args.overrides)
     with BrokerClient.from_config(cfg.broker, peer_id=f"status-{time.time_ns()}", role="tool") as client:
         while True:
             try:

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from tether.common.config import RunConfig, load_config, save_resolved
+from tether.common.config import RunConfig, load_config, load_config_or_exit, save_resolved
 from tether.common.logging import configure_logging, get_logger
 from tether.launch.plot import plot_metrics
 from tether.launch.supervisor import ProcessSpec, Supervisor
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--actors and --learner-ranks must be >= 1")
 
     overrides = list(args.overrides) + ([f"run.dir={args.run_dir}"] if args.run_dir else [])
-    config = load_config(args.config, overrides)
+    config = load_config_or_exit(parser, args.config, overrides)
     run_dir = Path(config.run.dir)
     if not args.resume:
         _clear_training_state(run_dir)

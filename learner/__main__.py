@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from tether.common.config import load_config, save_resolved
+from tether.common.config import load_config_or_exit, save_resolved
 from tether.common.logging import configure_logging, get_logger
 from tether.learner.publish import BrokerRendezvous, StaticRendezvous
 from tether.learner.source import BrokerBatchSource, FileBatchSource
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=None, help="YAML run config")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. learner.steps=10")
     args = parser.parse_args(argv)
-    config = load_config(args.config, args.overrides)
+    config = load_config_or_exit(parser, args.config, args.overrides)
     cfg = config.learner
     torch.set_num_threads(cfg.num_threads)
     _init_distributed(config.run.device)

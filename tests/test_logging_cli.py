@@ -42,3 +42,13 @@ def test_unknown_subcommand_fails_clearly():
     result = subprocess.run([sys.executable, "-m", "tether.common.cli", "frobnicate"], capture_output=True, text=True)
     assert result.returncode == 2
     assert "invalid choice: 'frobnicate'" in result.stderr
+
+
+def test_every_entry_point_names_a_bad_config_key_and_exits_2():
+    """A typo in a key ends any daemon or command the way a bad argument does, never a traceback."""
+    for module in ("tether.broker", "tether.broker.status", "tether.actor", "tether.learner", "tether.launch.demo"):
+        result = subprocess.run([sys.executable, "-m", module, "learner.lrr=1"],
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2, (module, result.stderr[-2000:])
+        assert "config error: learner.lrr: unknown config key" in result.stderr, (module, result.stderr[-2000:])
+        assert "Traceback" not in result.stderr, module

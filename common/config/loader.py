@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -40,6 +41,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise ConfigError(f"{getattr(exc, 'full_key', '') or 'config'}: {str(exc).splitlines()[0]}{where}") from None
     assert isinstance(config, RunConfig)
     return config
+
+
+def load_config_or_exit(parser: argparse.ArgumentParser, path: str | Path | None, overrides) -> RunConfig:
+    """load_config for a command line: a bad config ends the program the way argparse ends a bad
+    argument, with `<prog>: config error: <message naming the key>` and exit status 2."""
+    try:
+        return load_config(path, overrides)
+    except ConfigError as exc:
+        parser.exit(2, f"{parser.prog}: config error: {exc}\n")
 
 
 def to_yaml(config: RunConfig) -> str:
