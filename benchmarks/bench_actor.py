@@ -34,6 +34,7 @@ def _port() -> int:
 
 def _bare_peer(port: int, rank: int, nbytes: int, out) -> None:
     import torch
+
     from tether.common.weight_group import join_weight_group
 
     with join_weight_group("127.0.0.1", port, 0, rank, 2, backend="gloo", timeout_s=120) as group:
@@ -63,6 +64,7 @@ def bare_broadcast_s(nbytes: int) -> float:
 
 def _sender(port: int, epoch: int, state_path: str, bucket_bytes: int) -> None:
     import torch
+
     from tether.common.weight_group import WeightSender, join_weight_group
 
     torch.set_num_threads(1)
@@ -83,7 +85,7 @@ async def _throughput(engine, prompts, max_tokens: int, trials: int) -> dict:
 
     async def bare_one(i, prompt, trial):
         final = None
-        async for final in engine.llm.generate(TokensPrompt(prompt_token_ids=prompt), params(i), f"bare-{trial}-{i}"):
+        async for final in engine.llm.generate(TokensPrompt(prompt_token_ids=prompt), params(i), f"bare-{trial}-{i}"):  # noqa: B007
             pass
         return len(final.outputs[0].token_ids)
 
@@ -103,11 +105,12 @@ async def _throughput(engine, prompts, max_tokens: int, trials: int) -> dict:
 
 async def _pause(engine, model_dir: Path, tmp: Path, epoch: int, version: int) -> dict:
     import torch
+    from torch.distributed import TCPStore
+    from vllm import SamplingParams
+
     from tether.actor.testing import load_state, perturbed_state
     from tether.common.messages import WeightsAnnounce
     from tether.common.weight_group import tensor_specs
-    from torch.distributed import TCPStore
-    from vllm import SamplingParams
 
     state = perturbed_state(load_state(model_dir), 0.05, seed=epoch)
     path = tmp / f"state-{epoch}.pt"

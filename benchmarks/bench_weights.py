@@ -49,9 +49,9 @@ def memcpy_mb_per_s(nbytes: int, repeats: int = 3) -> float:
 def bench_size(name: str, tmp: Path, quick: bool) -> dict:
     """One engine on a random model of `name` size, one in-flight update, one memcpy."""
     import torch
-    from tether.actor.testing import build_random_qwen2, load_state
 
     from benchmarks.bench_actor import bench_model
+    from tether.actor.testing import build_random_qwen2, load_state
 
     model_dir = build_random_qwen2(tmp / name, seed=1, **SIZES[name])
     params = sum(t.numel() for t in load_state(model_dir).values())

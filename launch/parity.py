@@ -127,6 +127,7 @@ def make_prompts(n: int, prefix_len: int, seed: int) -> list[list[int]]:
 def _sender_main(port: int, epoch: int, state_path: str, bucket_bytes: int) -> None:
     """The learner's side of one update: rank 0 of the epoch's gloo group, broadcast of the new state."""
     import torch
+
     from tether.common.weight_group import WeightSender, join_weight_group
 
     torch.set_num_threads(1)
@@ -139,8 +140,9 @@ class _UpdateSource:
     """A TCPStore (the broker's role) and a sender process (the learner's) for one weight update."""
 
     def __init__(self, state_path: Path, specs, epoch: int, version: int, bucket_bytes: int = 8 << 20):
-        from tether.common.messages import WeightsAnnounce
         from torch.distributed import TCPStore
+
+        from tether.common.messages import WeightsAnnounce
 
         port = _port()
         self.store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
@@ -173,8 +175,9 @@ async def _batch(engine, prompts, sampling, max_tokens, seed0, tag):
 
 async def _streaming(engine, prompts, sampling, max_tokens, seed0, tag, counts):
     """Start batch requests as streams; `counts[i]` tracks tokens so far. Returns the tasks."""
-    from tether.actor.engine import completion_from_output
     from vllm.sampling_params import RequestOutputKind
+
+    from tether.actor.engine import completion_from_output
 
     async def one(i, prompt):
         params = _params(sampling, max_tokens, seed0 + i)
@@ -243,6 +246,7 @@ class LearnerScorer:
 
     def __init__(self, model_dir: Path, body_dtype: str, sampling: Sampling):
         import torch
+
         from tether.learner.model import load_policy
 
         self.sampling = sampling
@@ -251,6 +255,7 @@ class LearnerScorer:
 
     def score(self, completions) -> list[np.ndarray]:
         import torch
+
         from tether.learner.logprobs import processed_logprobs
         from tether.learner.model import completion_logits
 
@@ -271,6 +276,7 @@ def row_metrics(actor: list[np.ndarray], learner: list[np.ndarray], algorithm: s
                 group_size: int = 4) -> dict:
     """Parity columns and one step's learner metrics for per-sequence actor/learner logprobs."""
     import torch
+
     from tether.learner.algorithms import LossInput, LossParams, get_algorithm
 
     a = np.concatenate(actor).astype(np.float64)
@@ -356,6 +362,7 @@ def run_doctor(model: Path, out_dir: Path, *, prompts: int = 16, max_tokens: int
                seed: int = 0) -> dict:
     """Run every configuration and the update-path check; write parity.json and parity.png; return the report."""
     import torch
+
     from tether.actor.testing import load_state, perturbed_state
     from tether.common.weight_group import tensor_specs
 
