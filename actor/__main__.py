@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -17,14 +19,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     args = parser.parse_args(argv)
 
-    from tether.actor.daemon import ActorDaemon, default_actor_id
+    from tether.actor.broker_link import ActorLink
+    from tether.actor.daemon import ActorDaemon
     from tether.actor.tasks import build_task
     from tether.common.config.loader import load_config_or_exit, save_resolved
     from tether.common.logging import configure_logging, get_logger
-    from tether.common.peer import BrokerClient
+    from tether.common.peer import BrokerConnection
 
     config = load_config_or_exit(parser, args.config, args.overrides)
-    actor_id = config.actor.actor_id or default_actor_id()
+    actor_id = config.actor.actor_id or f"actor-{socket.gethostname()}-{os.getpid()}"
     # Several actors share a run directory: each gets its own log, resolved config and engine report.
     configure_logging(actor_id, config.run.dir, config.run.log_level)
     save_resolved(config, config.run.dir, actor_id)
@@ -36,26 +39,34 @@ def main(argv: list[str] | None = None) -> int:
         model_path = str(Path(config.run.dir) / "tiny-model")
         if not (Path(model_path) / "config.json").is_file():
             build_tiny_model(model_path, seed=config.run.seed)
-    client = BrokerClient.from_config(config.broker, peer_id=actor_id, role="actor",
-                                      worker_count=config.actor.engine.tensor_parallel_size,
-                                      max_unacked=config.actor.max_unacked_rollouts,
-                                      resend_interval_s=config.actor.resend_interval_s).start()
-    daemon = ActorDaemon(config, model_path, client, build_task(config.task))
+    connection = BrokerConnection.from_config(config.broker, peer_id=actor_id, role="actor")
+    link = ActorLink(connection, worker_count=config.actor.engine.tensor_parallel_size,
+                     max_unacked=config.actor.max_unacked_rollouts, resend_interval_s=config.actor.resend_interval_s)
+    connection.start()
+    daemon = ActorDaemon(config, model_path, link, build_task(config.task))
     # SIGTERM (the supervisor's stop) takes the same path as Ctrl-C: generation is cancelled, what
     # was sent gets a few seconds to be acked, and the final books are logged.
     signal.signal(signal.SIGTERM, _interrupt)
+    code = 0
     try:
         asyncio.run(daemon.run(args.max_groups))
     except KeyboardInterrupt:
         log.info("stopping on signal")
+    except Exception as exc:
+        log.error("actor failed", error=f"{type(exc).__name__}: {exc}")
+        code = 1
     finally:
-        flushed = client.flush(timeout=5.0)
-        log.info("actor stopped", actor_id=actor_id, rollouts_acked=client.acked_total,
-                 rollouts_unacked=client.unacked_count, flushed=flushed,
+        flushed = link.flush(timeout=5.0)
+        pump = daemon.pump
+        log.info("actor stopped", actor_id=actor_id, rollouts_acked=link.acked_total,
+                 rollouts_unacked=link.unacked_count, rollouts_invalid=link.invalid_total,
+                 rollouts_discarded=link.discarded_total, flushed=flushed,
+                 groups_discarded=pump.groups_discarded if pump is not None else 0,
+                 grant_waits=pump.waits if pump is not None else 0, failed_updates=daemon.failed_updates,
                  version=daemon.engine.version if daemon.engine is not None else None)
         daemon.shutdown()
-        client.close()
-    return 0
+        connection.close()
+    return code
 
 
 def _interrupt(signum, frame):

@@ -1,119 +1,125 @@
 """The actor daemon: engine + weight updates + rollout pump, wired to the broker.
 
-    ActorDaemon(config, model_path, client, task).run()
+    ActorDaemon(config, model_path, link, task).run()
 
 - the engine starts with the parity settings and writes <run_dir>/engine_report-<actor_id>.json,
-- the client says hello with the loaded version, then heartbeats in its own thread,
-- `_weights_loop` takes WeightsAnnounce messages, runs the in-flight update and acks the version
-  (VersionAck ok=False with the error on failure; the daemon then stops, since its weights may be mixed),
-- `RolloutPump` keeps max_groups_in_flight groups generating and sends each finished group
-  (the client keeps rollouts until acked; generation waits while too many are unacked).
-- weights.mode=stop_the_world: a `StopTheWorldGate` lets the pump start a group only while the
-  loaded version has room in the broker's per-version quota; the actor idles until the next
-  WeightsAnnounce is loaded. The in-flight mode has no gate.
+- the link registers with the version the engine holds, then heartbeats in its own thread,
+- `_weights_loop` takes WeightUpdate records (the newest when several queued up), runs the in-flight
+  update and reports it. A failed update leaves generation paused (the weights may be mixed) and is
+  reported; the broker sends the version again in a new epoch, and the actor registers again so an
+  exclusion is lifted. After `actor.max_update_failures` failures in a row the actor exits (its
+  supervisor restarts it with fresh weights from disk).
+- `RolloutPump` starts each group with a generation grant from the broker and sends it when done
+  (the link keeps rollouts until acked).
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
 
+from tether.actor.broker_link import ActorLink
 from tether.actor.engine import ActorEngine, WeightUpdateError
-from tether.actor.rollouts import GroupGenerator, RolloutPump, StopTheWorldGate
+from tether.actor.rollouts import GroupGenerator, RolloutPump
 from tether.common.config.run import RunConfig
+from tether.common.devices import resolve_device
 from tether.common.logging import get_logger
+from tether.common.messages import WeightUpdate
 
 log = get_logger(__name__)
 
 
-def resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def default_actor_id() -> str:
-    return f"actor-{socket.gethostname()}-{os.getpid()}"
-
-
 class ActorDaemon:
-    """One actor: owns the engine, answers weight announcements, streams rollouts to the sink."""
+    """One actor: owns the engine, serves weight updates, streams rollouts to the broker."""
 
-    def __init__(self, config: RunConfig, model_path: str, client, task, initial_version: int = 0):
+    def __init__(self, config: RunConfig, model_path: str, link: ActorLink, task, initial_version: int = 0):
         self.config = config
         self.model_path = model_path
-        self.client = client
+        self.link = link
         self.task = task
         self.initial_version = initial_version
-        self.actor_id = config.actor.actor_id or default_actor_id()
+        self.actor_id = link.actor_id
         self.engine: ActorEngine | None = None
+        self.pump: RolloutPump | None = None
         self._stop = asyncio.Event()
         self.updates: list = []
+        self.failed_updates = 0
 
     async def start_engine(self) -> ActorEngine:
         cfg = self.config
-        backend = cfg.weights.backend
         self.engine = await ActorEngine.start(cfg.actor.engine, cfg.model, self.model_path,
                                               device=resolve_device(cfg.run.device), run_dir=cfg.run.dir,
-                                              initial_version=self.initial_version, weight_backend=backend,
+                                              initial_version=self.initial_version,
+                                              weight_backend=cfg.weights.backend,
                                               weight_timeout_s=cfg.weights.timeout_s,
                                               report_name=f"engine_report-{self.actor_id}.json")
         return self.engine
 
+    def _newest_update(self, update: WeightUpdate) -> WeightUpdate:
+        """Skip updates a newer one superseded (the broker already gave up on them)."""
+        while (newer := self.link.next_update(0.0)) is not None:
+            self.link.report_update(update.version, update.epoch, ok=False, error="superseded by a newer update")
+            update = newer
+        return update
+
     async def _weights_loop(self) -> None:
+        consecutive_failures = 0
         while not self._stop.is_set():
-            announce = await asyncio.to_thread(self.client.next_weights_announce, 0.5)
-            if announce is None:
+            update = await asyncio.to_thread(self.link.next_update, 0.5)
+            if update is None:
                 continue
+            update = self._newest_update(update)
+            if update.discard_above >= 0:
+                self._void_above(update.discard_above)
             try:
-                result = await self.engine.update_weights(announce)
+                result = await self.engine.update_weights(update)
             except WeightUpdateError as exc:
-                log.error("weight_update_failed", version=announce.version, error=str(exc))
-                self.client.send_version_ack(announce.version, announce.epoch, ok=False, error=str(exc))
-                self._stop.set()
-                raise
+                consecutive_failures += 1
+                self.failed_updates += 1
+                self.link.report_update(update.version, update.epoch, ok=False, error=str(exc))
+                limit = self.config.actor.max_update_failures
+                if consecutive_failures >= limit:
+                    raise RuntimeError(f"{consecutive_failures} weight updates failed in a row; exiting so a "
+                                       f"restart loads clean weights (last: {exc})") from exc
+                self.link.conn.reregister()  # lift any exclusion: we are ready for the next attempt
+                continue
+            consecutive_failures = 0
+            self.link.loaded_version, self.link.loaded_lineage = update.version, update.lineage
             self.updates.append(result)
-            self.client.send_version_ack(announce.version, announce.epoch, ok=True, pause_seconds=result.pause_s)
+            self.link.report_update(update.version, update.epoch, ok=True, seconds=result.pause_s)
+
+    def _void_above(self, version: int) -> None:
+        """The learner resumed from an older checkpoint: tokens above `version` name abandoned weights."""
+        discarded = self.link.discard_unacked_above(version)
+        if self.pump is not None:
+            self.pump.void_above(version)
+        log.warning("discarding work of an abandoned lineage", above_version=version, unacked_discarded=discarded)
+        self.link.conn.reregister()  # the broker releases our grants; we ask afresh
 
     async def run(self, max_groups: int | None = None) -> None:
-        """Run until `max_groups` groups are sent (None: forever) or a weight update fails."""
+        """Run until `max_groups` groups are sent (None: forever) or weight updates keep failing."""
         from transformers import AutoTokenizer
 
         if self.engine is None:
             await self.start_engine()
-        self.client.hello(loaded_version=self.engine.version)
+        self.link.loaded_version, self.link.loaded_lineage = self.engine.version, self.engine.lineage
+        await asyncio.to_thread(self.link.register, self.config.broker.connect_timeout_s)
         tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         generator = GroupGenerator(self.engine, self.task, tokenizer, self.config.actor.sampling, self.actor_id,
                                    seed=self.config.run.seed)
-        pump = RolloutPump(generator, self.client, self.config.actor.max_groups_in_flight, gate=self.build_gate())
+        self.pump = RolloutPump(generator, self.link, self.config.actor.max_groups_in_flight)
         weights = asyncio.ensure_future(self._weights_loop())
         try:
-            rollouts = asyncio.ensure_future(pump.run(self.task.train_prompts(self.config.task.seed), max_groups))
+            rollouts = asyncio.ensure_future(self.pump.run(self.task.train_prompts(self.config.task.seed), max_groups))
             done, _ = await asyncio.wait({rollouts, weights}, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 task.result()  # re-raise a failure
-            await asyncio.to_thread(self.client.flush, 30.0)
+            await asyncio.to_thread(self.link.flush, 30.0)
         finally:
             self._stop.set()
-            for task in (weights,):
-                task.cancel()
+            weights.cancel()
             await asyncio.gather(weights, return_exceptions=True)
-        log.info("actor_done", groups=pump.groups_done, rollouts=pump.rollouts_sent, updates=len(self.updates))
-
-    def build_gate(self) -> StopTheWorldGate | None:
-        """The stop-the-world gate for weights.mode=stop_the_world, else None (in-flight: no gate)."""
-        if self.config.weights.mode != "stop_the_world":
-            return None
-        return StopTheWorldGate(
-            version=lambda: self.engine.version,
-            quota=lambda: getattr(self.client, "quota", None),
-            unacked=lambda: self.client.unacked_count,
-            rollouts_per_step=self.config.learner.rollouts_per_step,
-            group_size=self.config.actor.sampling.group_size,
-        )
+        log.info("actor_done", groups=self.pump.groups_done, rollouts=self.pump.rollouts_sent,
+                 updates=len(self.updates))
 
     def shutdown(self) -> None:
         if self.engine is not None:

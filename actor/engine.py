@@ -26,7 +26,7 @@ from tether.actor.engine_args import PARITY_RULES, check_parity, engine_kwargs
 from tether.common.config import EngineConfig, ModelConfig
 from tether.common.errors import ConfigError
 from tether.common.logging import get_logger
-from tether.common.messages import WeightsAnnounce
+from tether.common.messages import WeightUpdate
 
 log = get_logger(__name__)
 
@@ -59,6 +59,11 @@ class UpdateResult:
     transfer_s: float
     bytes: int
     workers: list[dict] = field(default_factory=list)
+    """Per worker: join_s, receive_s (in the broadcasts), load_s (vLLM's reload), bytes, buckets."""
+    pause_call_s: float = 0.0
+    """pause_generation() itself."""
+    resume_s: float = 0.0
+    """resume_generation() itself."""
 
     @property
     def mb_per_s(self) -> float:
@@ -110,8 +115,11 @@ class ActorEngine:
         self.version = version
         self.weight_backend = weight_backend
         self.weight_timeout_s = weight_timeout_s
+        self.lineage = ""
+        """Learner session whose weights are loaded (empty: the model on disk)."""
         self.healthy = True
-        """False after a failed update: weights may be a mix of two versions."""
+        """False after a failed update: weights may be a mix of two versions; generation stays paused."""
+        self._paused = False
         self._update_lock = asyncio.Lock()
         self._request_counter = 0
 
@@ -184,44 +192,51 @@ class ActorEngine:
         return completion_from_output(final)
 
     # ------------------------------------------------------------ weight updates
-    async def update_weights(self, announce: WeightsAnnounce) -> UpdateResult:
-        """Pause (keep requests and KV cache), receive and load `announce`'s tensors in every worker,
+    async def update_weights(self, update: WeightUpdate) -> UpdateResult:
+        """Pause (keep requests and KV cache), receive and load `update`'s tensors in every worker,
         relabel the version, resume. No request is aborted.
 
-        On failure the engine resumes with the old version label, `healthy` becomes False (some
-        tensors may already be loaded) and WeightUpdateError is raised: the caller must ack the
-        failure and stop using this engine's output for training.
+        On failure the engine stays paused, `healthy` becomes False (some tensors may already be
+        loaded, so the weights may be a mix of two versions: no token may come from them) and
+        WeightUpdateError is raised; the next successful update loads every tensor again and resumes.
         """
-        specs = [(spec.name, list(spec.shape), spec.dtype) for spec in announce.tensors]
+        specs = [(spec.name, list(spec.shape), spec.dtype) for spec in update.tensors]
         async with self._update_lock:
             start = time.perf_counter()
-            await self.llm.pause_generation(mode="keep", clear_cache=False)
+            if not self._paused:
+                await self.llm.pause_generation(mode="keep", clear_cache=False)
+                self._paused = True
+            paused = time.perf_counter()
             try:
-                rpc_start = time.perf_counter()
                 workers = await self.llm.collective_rpc(
                     "tether_receive_weights",
                     timeout=self.weight_timeout_s * 2,
-                    args=(announce.group_host, announce.group_port, announce.epoch, announce.first_rank,
-                          announce.group_world_size, specs, announce.bucket_bytes, self.weight_backend,
+                    args=(update.group_host, update.group_port, update.group_key, update.first_rank,
+                          update.world_size, specs, update.bucket_bytes, self.weight_backend,
                           self.weight_timeout_s),
                 )
-                rpc_s = time.perf_counter() - rpc_start
+                rpc_s = time.perf_counter() - paused
                 # Set while paused: the next step, the first on new weights, is the first with this label.
-                await self.llm.update_weight_version(str(announce.version))
-                self.version = announce.version
+                await self.llm.update_weight_version(str(update.version))
             except Exception as exc:
                 self.healthy = False
-                raise WeightUpdateError(f"weight update to version {announce.version} failed: {exc}") from exc
-            finally:
-                await self.llm.resume_generation()
-                pause_s = time.perf_counter() - start
+                log.error("weight update failed; generation stays paused until a complete update",
+                          version=update.version, epoch=update.epoch, error=str(exc)[:500])
+                raise WeightUpdateError(f"weight update to version {update.version} failed: {exc}") from exc
+            self.version, self.lineage, self.healthy = update.version, update.lineage, True
+            resume_start = time.perf_counter()
+            await self.llm.resume_generation()
+            self._paused = False
+            done = time.perf_counter()
         result = UpdateResult(
-            version=announce.version, epoch=announce.epoch, pause_s=pause_s, rpc_s=rpc_s,
+            version=update.version, epoch=update.epoch, pause_s=done - start, rpc_s=rpc_s,
             transfer_s=max(w["transfer_s"] for w in workers), bytes=sum(w["bytes"] for w in workers),
-            workers=list(workers),
+            workers=list(workers), pause_call_s=paused - start, resume_s=done - resume_start,
         )
-        log.info("weights_updated", version=result.version, epoch=result.epoch, pause_s=round(pause_s, 4),
-                 rpc_s=round(rpc_s, 4), mb_per_s=round(result.mb_per_s, 1))
+        log.info("weights_updated", version=result.version, epoch=result.epoch, pause_s=round(result.pause_s, 4),
+                 rpc_s=round(rpc_s, 4), join_s=round(max(w["join_s"] for w in workers), 4),
+                 receive_s=round(max(w["receive_s"] for w in workers), 4),
+                 load_s=round(max(w["load_s"] for w in workers), 4), mb_per_s=round(result.mb_per_s, 1))
         return result
 
     async def head_info(self) -> list[dict]:

@@ -1,12 +1,13 @@
 """Rollout groups: n completions per prompt, scored by the task, packed as wire Rollouts.
 
-Bounded work in flight: `RolloutPump` starts at most `max_groups_in_flight` groups at once and waits
-for the sink's capacity (unacked rollouts below the limit) before starting a group, so a slow broker
-or learner slows generation instead of growing memory.
+Bounded work in flight: `RolloutPump` starts at most `max_groups_in_flight` groups at once, and each
+group only with a generation grant from the broker (admission by version: a grant means the group
+can still be trained on when it arrives; in weights.mode=stop_the_world, grants come only for the
+current version, one step's worth). So the learner's pace sets the actors' pace, and nothing is
+generated to be dropped as stale. The sink's unacked limit bounds memory when the broker is away.
 
-With weights.mode=stop_the_world a `StopTheWorldGate` also decides when a group may start: only
-while the loaded version still has room in the broker's per-version quota, so the actor idles while
-the learner steps and resumes once the next version is loaded.
+When the learner resumes from an older checkpoint, versions above its fork point name abandoned
+weights: `void_above()` makes the pump discard groups started before that with such tokens.
 """
 
 from __future__ import annotations
@@ -14,8 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Protocol
 
 import numpy as np
@@ -30,13 +30,13 @@ log = get_logger(__name__)
 
 
 class RolloutSink(Protocol):
-    """Where rollouts go (BrokerClient implements it): kept until acked, with a bounded unacked count."""
+    """Where rollouts go (ActorLink implements it): kept until acked, started only when granted."""
 
     def send_rollouts(self, rollouts: list[Rollout]) -> None: ...
 
     def wait_for_capacity(self, n: int = 1, timeout: float = 10.0) -> bool: ...
 
-    def unacked_count(self) -> int: ...
+    def acquire_group(self, wanted: int, timeout: float) -> bool: ...
 
 
 def sampling_params(sampling: SamplingConfig, seed: int):
@@ -83,6 +83,8 @@ class GroupGenerator:
         completions = await asyncio.gather(*[
             self.engine.generate(prompt_ids, sampling_params(self.sampling, seed)) for seed in seeds
         ])
+        if any(np.any(np.diff(c.versions) < 0) for c in completions):
+            return []  # spans a rewind to an older checkpoint: its first tokens name abandoned weights
         return [
             to_rollout(c, group_id=group_id, group_size=self.sampling.group_size, actor_id=self.actor_id,
                        task=self.task.name or "task", reward=self.task.reward(prompt, c.text),
@@ -91,99 +93,57 @@ class GroupGenerator:
         ]
 
 
-class StopTheWorldGate:
-    """weights.mode=stop_the_world: may the pump start a group now, at the loaded weight version `v`?
-
-    - Never once the broker's quota for `v` is full (an Ack said fewer than `group_size` left), nor
-      when the broker already counts a newer version: those tokens would arrive stale.
-    - At most `rollouts_per_step / group_size` groups per version from this actor: what one step
-      consumes, so a single actor fills the quota exactly and generates nothing that is thrown away.
-      Past that local cap it starts more only if the broker reports room at `v` while nothing of
-      this actor is in flight or unacked (rollouts were lost, or another actor fell short), so a
-      short quota can never deadlock the run.
-    - A newer loaded version starts afresh: the actor resumes by itself after the update.
-
-    The inputs are callables so tests can drive them: `version` (the engine's loaded version),
-    `quota` (the client's latest `(version, left)` or None) and `unacked` (rollouts not yet acked).
-    """
-
-    def __init__(self, *, version: Callable[[], int], quota: Callable[[], tuple[int, int] | None],
-                 unacked: Callable[[], int], rollouts_per_step: int, group_size: int, poll_s: float = 0.05):
-        self._version, self._quota, self._unacked = version, quota, unacked
-        self.group_size = group_size
-        self.groups_per_version = max(1, rollouts_per_step // group_size)
-        self.poll_s = poll_s
-        self.started: Counter[int] = Counter()
-        """Groups started per loaded version."""
-        self.waits = 0
-        """Times the gate made the pump wait (idle) for the next version."""
-
-    def may_start(self, in_flight: int) -> bool:
-        v = self._version()
-        quota = self._quota()
-        if quota is not None:
-            quota_version, left = quota
-            if quota_version > v:
-                return False  # the broker has moved on; wait until the new weights are loaded
-            if quota_version == v and left < self.group_size:
-                return False
-            if (quota_version == v and self.started[v] >= self.groups_per_version
-                    and in_flight == 0 and self._unacked() == 0):
-                return True  # room left although our share was delivered: fill it
-        return self.started[v] < self.groups_per_version
-
-    async def wait_to_start(self, in_flight: Callable[[], int]) -> int:
-        """Wait until a group may start, record it, and return the version it is counted against."""
-        waited = False
-        while not self.may_start(in_flight()):
-            if not waited:
-                waited = True
-                self.waits += 1
-                log.info("stop_the_world_waiting", version=self._version(), quota=self._quota())
-            await asyncio.sleep(self.poll_s)
-        v = self._version()
-        if waited:
-            log.info("stop_the_world_resumed", version=v)
-        self.started[v] += 1
-        return v
-
-
 class RolloutPump:
-    """Keeps up to `max_groups_in_flight` groups generating and hands finished groups to the sink.
-
-    With a `gate` (stop_the_world), a group starts only when the gate allows it.
-    """
+    """Keeps up to `max_groups_in_flight` granted groups generating and hands finished ones to the sink."""
 
     def __init__(self, generator: GroupGenerator, sink: RolloutSink, max_groups_in_flight: int,
-                 capacity_poll_s: float = 0.5, gate: StopTheWorldGate | None = None):
+                 poll_s: float = 0.5):
         self.generator, self.sink = generator, sink
-        self.gate = gate
         self.max_groups_in_flight = max_groups_in_flight
-        self.capacity_poll_s = capacity_poll_s
+        self.poll_s = poll_s
         self.groups_done = 0
         self.rollouts_sent = 0
+        self.groups_discarded = 0
+        """Groups thrown away because a rewind voided versions they hold."""
         self.in_flight = 0
+        self.waits = 0
+        """Times the pump had to wait for a generation grant."""
+        self._voids: list[tuple[int, int]] = []  # (generation at which it happened, threshold)
+        self._generation = 0
+
+    def void_above(self, version: int) -> None:
+        """Tokens above `version` now name abandoned weights: discard running groups holding one."""
+        self._generation += 1
+        self._voids.append((self._generation, version))
+
+    def _voided(self, started_at: int, rollouts: list[Rollout]) -> bool:
+        if not rollouts:
+            return True
+        newest = max(r.max_version for r in rollouts)
+        return any(generation > started_at and newest > threshold for generation, threshold in self._voids)
 
     async def _send(self, rollouts: list[Rollout]) -> None:
-        from tether.common.peer import Backpressure
+        from tether.actor.broker_link import Backpressure
 
         while True:
             try:
                 await asyncio.to_thread(self.sink.send_rollouts, rollouts)
                 return
             except Backpressure:
-                await asyncio.to_thread(self.sink.wait_for_capacity, len(rollouts), self.capacity_poll_s)
+                await asyncio.to_thread(self.sink.wait_for_capacity, len(rollouts), self.poll_s)
 
     async def run(self, prompts: Iterator[Prompt], max_groups: int | None = None) -> None:
         """Generate groups from `prompts` until exhausted or `max_groups` are sent."""
         slots = asyncio.Semaphore(self.max_groups_in_flight)
-        group_size = self.generator.sampling.group_size
         pending: set[asyncio.Task] = set()
         started = 0
 
-        async def one(prompt: Prompt) -> None:
+        async def one(prompt: Prompt, generation: int) -> None:
             try:
                 rollouts = await self.generator.generate(prompt)
+                if self._voided(generation, rollouts):
+                    self.groups_discarded += 1
+                    return
                 await self._send(rollouts)
                 self.groups_done += 1
                 self.rollouts_sent += len(rollouts)
@@ -195,15 +155,15 @@ class RolloutPump:
             if max_groups is not None and started >= max_groups:
                 break
             await slots.acquire()
-            # Backpressure: do not start generating what the sink could not take now.
-            while not await asyncio.to_thread(self.sink.wait_for_capacity,
-                                              group_size * (self.in_flight + 1), self.capacity_poll_s):
-                pass
-            if self.gate is not None:
-                await self.gate.wait_to_start(lambda: self.in_flight)
+            waited = False
+            while not await asyncio.to_thread(self.sink.acquire_group, self.max_groups_in_flight - self.in_flight,
+                                              self.poll_s):
+                if not waited:
+                    waited = True
+                    self.waits += 1
             self.in_flight += 1
             started += 1
-            task = asyncio.ensure_future(one(prompt))
+            task = asyncio.ensure_future(one(prompt, self._generation))
             pending.add(task)
             task.add_done_callback(pending.discard)
         if pending:

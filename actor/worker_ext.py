@@ -25,22 +25,22 @@ from tether.common.weight_group import WeightReceiver, join_weight_group
 class TetherWorkerExtension:
     """Mixed into vLLM's Worker class: `self` is the worker (model_runner, rank, device, ...)."""
 
-    def tether_receive_weights(self, host: str, port: int, epoch: int, first_rank: int, world_size: int,
+    def tether_receive_weights(self, host: str, port: int, group_key: str, first_rank: int, world_size: int,
                                specs: list[tuple[str, list[int], str]], bucket_bytes: int,
                                backend: str = "auto", timeout_s: float = 120.0) -> dict:
         """Join the epoch's weight group as rank first_rank + worker rank, receive and load every tensor.
 
         Loading goes through vLLM's in-place reload in checkpoint format: on CPU the linear weights are
         prepacked, so writing parameters directly would be ignored or fail; the reload path re-runs
-        the per-layer post-processing. Returns transfer/load timings for the pause report.
+        the per-layer post-processing. Returns timings for the pause report: join, receive (time in
+        the broadcasts) and load (the rest of receive-and-load: vLLM's reload consuming the tensors).
         """
         start = time.perf_counter()
         tensor_specs = [TensorSpec(name=name, shape=tuple(shape), dtype=dtype) for name, shape, dtype in specs]
         device = self.device if getattr(self.device, "type", "cpu") == "cuda" else torch.device("cpu")
         rank = first_rank + self.rank
-        group = self._tether_weight_group(host, port, epoch, rank, world_size, backend, device, timeout_s)
+        receiver = self._tether_weight_receiver(host, port, group_key, rank, world_size, backend, device, timeout_s)
         joined = time.perf_counter()
-        receiver = WeightReceiver(group)
         try:
             self.reload_weights(weights_iterator=receiver.receive(tensor_specs, bucket_bytes),
                                 is_checkpoint_format=True)
@@ -55,31 +55,36 @@ class TetherWorkerExtension:
             "rank": rank,
             "join_s": joined - start,
             "receive_and_load_s": done - joined,
+            "receive_s": receiver.stats.broadcast_s,
+            "load_s": (done - joined) - receiver.stats.broadcast_s,
             "transfer_s": receiver.stats.seconds,
             "bytes": receiver.stats.bytes,
             "buckets": receiver.stats.buckets,
         }
 
-    def _tether_weight_group(self, host, port, epoch, rank, world_size, backend, device, timeout_s):
-        """The group of this epoch, formed on first use and kept while the epoch lasts.
+    def _tether_weight_receiver(self, host, port, group_key, rank, world_size, backend, device, timeout_s):
+        """The receiver of this epoch's group, formed on first use and kept while the epoch lasts.
 
-        The learner keeps its group per epoch too (the protocol in docs/wire-protocol.md). Forming a
-        second gloo group on the same epoch's store prefix would read the first one's stale
-        rendezvous addresses, so re-joining per update is not an option.
+        The learner keeps its group per epoch too (docs/wire-protocol.md). Forming a second group
+        under the same rendezvous key would read the first one's stale addresses, so re-joining per
+        update is not an option; the receiver keeps its bucket buffers for the epoch's later updates.
         """
-        group = getattr(self, "_tether_group", None)
-        if group is not None and (group.epoch, group.rank, group.world_size) == (epoch, rank, world_size):
-            return group
+        receiver = getattr(self, "_tether_receiver", None)
+        if receiver is not None:
+            group = receiver.group
+            if (group.key, group.rank, group.world_size) == (group_key, rank, world_size):
+                return receiver
         self._tether_drop_weight_group()
-        self._tether_group = join_weight_group(host, port, epoch, rank, world_size, backend=backend,
-                                               device=device, timeout_s=timeout_s)
-        return self._tether_group
+        group = join_weight_group(host, port, group_key, rank, world_size, backend=backend, device=device,
+                                  timeout_s=timeout_s)
+        self._tether_receiver = WeightReceiver(group)
+        return self._tether_receiver
 
     def _tether_drop_weight_group(self) -> None:
-        group = getattr(self, "_tether_group", None)
-        self._tether_group = None
-        if group is not None:
-            group.close()
+        receiver = getattr(self, "_tether_receiver", None)
+        self._tether_receiver = None
+        if receiver is not None:
+            receiver.group.abort()
 
     def tether_head_info(self) -> dict:
         """The lm_head as the worker actually holds it (dtype, shape, method): proof for the engine report."""

@@ -37,7 +37,7 @@ def _bare_peer(port: int, rank: int, nbytes: int, out) -> None:
 
     from tether.common.weight_group import join_weight_group
 
-    with join_weight_group("127.0.0.1", port, 0, rank, 2, backend="gloo", timeout_s=120) as group:
+    with join_weight_group("127.0.0.1", port, "weights/bare", rank, 2, backend="gloo", timeout_s=120) as group:
         buffer = torch.ones(nbytes, dtype=torch.uint8) if rank == 0 else torch.empty(nbytes, dtype=torch.uint8)
         group.broadcast_(torch.zeros(1, dtype=torch.uint8))  # both joined: time only the data
         start = time.perf_counter()
@@ -69,7 +69,8 @@ def _sender(port: int, epoch: int, state_path: str, bucket_bytes: int) -> None:
 
     torch.set_num_threads(1)
     state = torch.load(state_path)
-    with join_weight_group("127.0.0.1", port, epoch, 0, 2, backend="gloo", timeout_s=120) as group:
+    with join_weight_group("127.0.0.1", port, f"weights/local/epoch-{epoch}", 0, 2, backend="gloo",
+                           timeout_s=120) as group:
         WeightSender(group, bucket_bytes).broadcast(list(state.items()))
 
 
@@ -109,7 +110,7 @@ async def _pause(engine, model_dir: Path, tmp: Path, epoch: int, version: int) -
     from vllm import SamplingParams
 
     from tether.actor.testing import load_state, perturbed_state
-    from tether.common.messages import WeightsAnnounce
+    from tether.common.messages import WeightUpdate
     from tether.common.weight_group import tensor_specs
 
     state = perturbed_state(load_state(model_dir), 0.05, seed=epoch)
@@ -118,8 +119,9 @@ async def _pause(engine, model_dir: Path, tmp: Path, epoch: int, version: int) -
     port = _port()
     store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
     bucket = 32 << 20
-    announce = WeightsAnnounce(version=version, epoch=epoch, tensors=tensor_specs(state.items()), bucket_bytes=bucket,
-                               group_host="127.0.0.1", group_port=port, group_world_size=2, first_rank=1)
+    announce = WeightUpdate(version=version, lineage="local", epoch=epoch, group_key=f"weights/local/epoch-{epoch}",
+                            group_host="127.0.0.1", group_port=port, world_size=2, first_rank=1,
+                            tensors=tensor_specs(state.items()), bucket_bytes=bucket)
     # Sender process started and joined-waiting before the pause, as a learner would be.
     sender = mp.get_context("spawn").Process(target=_sender, args=(port, epoch, str(path), bucket))
     sender.start()

@@ -1,12 +1,20 @@
-"""Append-only journal of the rollout buffer, so a restarted broker serves every acked rollout.
+"""Append-only journal of the broker's ledger, so a restarted broker loses nothing it acked.
 
 File format: a sequence of records, each
 
     <u32 little-endian payload length> <u8 type> <u32 little-endian crc32 of payload> <payload>
 
-with types PUT (payload: one msgpack-encoded `Rollout`), DONE (payload: msgpack list of rollout
-ids consumed by a learner or dropped as stale) and SEEN (payload: msgpack list of rollout ids
-consumed before the last compaction, kept so de-duplication survives a restart). No pickle.
+Payloads are msgpack (no pickle). Types:
+
+- PUT      one `Rollout`, stored and acked (counts as stored).
+- RESTORE  one `Rollout` rewritten by a compaction (buffered or leased; counts nothing).
+- DROP     `Drop`: rollout ids dropped as stale, with the reason; `arrived` marks rollouts that
+           were stale on arrival (acked, counted as stored and dropped, never buffered).
+- LEASE    `Lease`: rollout ids handed to a learner rank for one step.
+- RETURN   `LeaseKeys`: leases taken back into the buffer (their learner session ended).
+- CONSUME  `LeaseKeys`: leases committed with a learner checkpoint (they count as consumed).
+- SEEN     `Ids`: ids consumed or dropped before the last compaction, kept for de-duplication.
+- META     `Meta`: the version book, epoch counter and ledger counters at that point.
 
 Replay stops at the first truncated or corrupt record (a crash in the middle of a write) and the
 file is truncated there, so later appends start on a record boundary.
@@ -21,6 +29,7 @@ from __future__ import annotations
 
 import os
 import struct
+import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -29,23 +38,66 @@ import msgspec
 
 from tether.common.messages import Rollout
 
-PUT = 1
-DONE = 2
-SEEN = 3
+PUT, RESTORE, DROP, LEASE, RETURN, CONSUME, SEEN, META = 1, 2, 3, 4, 5, 6, 7, 8
 _HEADER = struct.Struct("<IBI")
 _MAX_RECORD = 512 * 1024 * 1024
 
+
+class Drop(msgspec.Struct, frozen=True):
+    ids: list[str]
+    reason: str
+    arrived: bool = False
+
+
+class Lease(msgspec.Struct, frozen=True):
+    key: str
+    session: str
+    rank: int
+    seq: int
+    step: int
+    ids: list[str]
+
+
+class LeaseKeys(msgspec.Struct, frozen=True):
+    keys: list[str]
+
+
+class Ids(msgspec.Struct, frozen=True):
+    ids: list[str]
+
+
+class Meta(msgspec.Struct, frozen=True):
+    """Everything the broker must not forget across a restart besides rollouts."""
+
+    latest_version: int
+    lineage: list[tuple[str, int]]
+    """(learner session, fork version), oldest first."""
+    epoch: int
+    """Newest weight-group epoch number handed out (epochs never repeat)."""
+    committed_version: int
+    session: str
+    stored_total: int
+    consumed_total: int
+    dropped_stale_total: int
+
+
+_TYPES: dict[int, type] = {PUT: Rollout, RESTORE: Rollout, DROP: Drop, LEASE: Lease, RETURN: LeaseKeys,
+                           CONSUME: LeaseKeys, SEEN: Ids, META: Meta}
 _encoder = msgspec.msgpack.Encoder()
-_rollout_decoder = msgspec.msgpack.Decoder(Rollout)
-_ids_decoder = msgspec.msgpack.Decoder(list[str])
+_decoders = {kind: msgspec.msgpack.Decoder(cls) for kind, cls in _TYPES.items()}
 
 
 def _frame(kind: int, payload: bytes) -> bytes:
     return _HEADER.pack(len(payload), kind, zlib.crc32(payload)) + payload
 
 
+def frame(kind: int, value) -> bytes:
+    """One encoded record (exposed for compaction and tests)."""
+    return _frame(kind, _encoder.encode(value))
+
+
 class Journal:
-    """Appends PUT/DONE/SEEN records to one file; `replay()` reads them back."""
+    """Appends records to one file; `replay()` reads them back."""
 
     def __init__(
         self,
@@ -53,44 +105,41 @@ class Journal:
         *,
         fsync: str = "interval",
         fsync_interval_s: float = 1.0,
-        clock: Callable[[], float] | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        import time
-
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._fsync = fsync
         self._fsync_interval_s = fsync_interval_s
-        self._clock = clock or time.monotonic
+        self._clock = clock
         self._last_fsync = self._clock()
         self._dirty = False
         self._fd: int | None = None
-        self.done_since_compaction = 0
+        self.finished_since_compaction = 0
+        """Rollouts consumed or dropped since the file was last rewritten (drives compaction)."""
 
     # ---- reading
 
     def replay(self) -> Iterator[tuple[int, object]]:
-        """Yield (type, Rollout | list[str]) for every intact record; truncate a damaged tail."""
+        """Yield (type, value) for every intact record; truncate a damaged tail."""
         if not self.path.exists():
             return
-        good = 0
         with open(self.path, "rb") as f:
             data = f.read()
-        offset = 0
+        good = offset = 0
         while offset + _HEADER.size <= len(data):
             length, kind, crc = _HEADER.unpack_from(data, offset)
             start = offset + _HEADER.size
-            if length > _MAX_RECORD or start + length > len(data):
+            if length > _MAX_RECORD or start + length > len(data) or kind not in _decoders:
                 break
             payload = data[start : start + length]
-            if zlib.crc32(payload) != crc or kind not in (PUT, DONE, SEEN):
+            if zlib.crc32(payload) != crc:
                 break
             try:
-                value = _rollout_decoder.decode(payload) if kind == PUT else _ids_decoder.decode(payload)
+                value = _decoders[kind].decode(payload)
             except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
                 break
-            offset = start + length
-            good = offset
+            offset = good = start + length
             yield kind, value
         if good < len(data):
             # A torn write at the end (kill -9 mid-write): cut it so appends stay aligned.
@@ -115,14 +164,29 @@ class Journal:
             self.sync()
 
     def put(self, rollouts: Iterable[Rollout]) -> None:
-        blob = b"".join(_frame(PUT, _encoder.encode(r)) for r in rollouts)
+        blob = b"".join(frame(PUT, r) for r in rollouts)
         if blob:
             self._write(blob)
 
-    def done(self, rollout_ids: list[str]) -> None:
-        if rollout_ids:
-            self._write(_frame(DONE, _encoder.encode(rollout_ids)))
-            self.done_since_compaction += len(rollout_ids)
+    def drop(self, ids: list[str], reason: str, *, arrived: bool = False) -> None:
+        if ids:
+            self._write(frame(DROP, Drop(ids=ids, reason=reason, arrived=arrived)))
+            self.finished_since_compaction += len(ids)
+
+    def lease(self, lease: Lease) -> None:
+        self._write(frame(LEASE, lease))
+
+    def returned(self, keys: list[str]) -> None:
+        if keys:
+            self._write(frame(RETURN, LeaseKeys(keys=keys)))
+
+    def consumed(self, keys: list[str], count: int) -> None:
+        if keys:
+            self._write(frame(CONSUME, LeaseKeys(keys=keys)))
+            self.finished_since_compaction += count
+
+    def meta(self, meta: Meta) -> None:
+        self._write(frame(META, meta))
 
     def maybe_sync(self) -> None:
         """Apply the interval policy; call from the server loop."""
@@ -135,19 +199,17 @@ class Journal:
             self._dirty = False
         self._last_fsync = self._clock()
 
-    def rewrite(self, seen_ids: list[str], live: Iterable[Rollout]) -> None:
-        """Compact: atomically replace the file with SEEN(seen_ids) plus one PUT per live rollout."""
+    def rewrite(self, records: Iterable[bytes]) -> None:
+        """Compact: atomically replace the file with `records` (already framed)."""
         tmp = self.path.with_suffix(self.path.suffix + ".tmp")
         with open(tmp, "wb") as f:
-            if seen_ids:
-                f.write(_frame(SEEN, _encoder.encode(seen_ids)))
-            for rollout in live:
-                f.write(_frame(PUT, _encoder.encode(rollout)))
+            for blob in records:
+                f.write(blob)
             f.flush()
             os.fsync(f.fileno())
         self.close()
         os.replace(tmp, self.path)
-        self.done_since_compaction = 0
+        self.finished_since_compaction = 0
         self._dirty = False
 
     def close(self) -> None:

@@ -1,28 +1,38 @@
 """The broker's coordination logic as a pure state machine: no sockets, no threads, no wall clock.
 
-`BrokerState.handle(peer, data)` takes the raw bytes one connection sent and returns the messages
-to send (`Outgoing`); `tick()` runs the time-driven rules (death detection, update timeouts). Time
-comes from an injectable `clock`, so tests drive it by hand. The server loop (broker/server.py) only
-moves bytes between a transport and this class.
+`BrokerState.handle(peer, data, credential)` takes the raw bytes one connection sent and returns
+the messages to send (`Outgoing`); `tick()` runs the time-driven rules (death detection, update
+timeouts, publish nudges, expiry of orphaned groups). Time comes from an injectable `clock`, so
+tests drive it by hand. The server loop (broker/server.py) only moves bytes.
 
-Replies carry the envelope `msg_id` of the request they answer (Ack, Error, Status, RolloutBatch,
-and the learner's "go" WeightsAnnounce); messages the broker starts get a fresh id.
+The work is split by concern, each in its own module:
 
-With `mode="stop_the_world"` (weights.mode) the broker also enforces strict on-policy batches: per
-published version it accepts at most `rollouts_per_step` rollouts, in whole groups, whose tokens are
-all at that version (`RolloutQuota`); past the quota it refuses with `rejected` (the actor keeps them)
-and every Ack says how much quota is left, so actors stop starting groups. Rollouts with a token
-older than the latest version are acked and dropped as stale, counted like every other stale drop.
+- membership.py  who is connected, liveness, roles
+- versions.py    the version book: latest version, lineage, what each actor holds
+- updates.py     weight updates: epochs, receivers, failures, publish nudges
+- ledger.py      the rollout ledger: buffer, leases, commits, drops, the journal
+- admission.py   generation grants: actors start only what the learner can still use
+- validation.py  rules a rollout must satisfy against the run
+
+This module decodes, checks who may send what, and routes each message to those parts. Replies
+carry the envelope `msg_id` of the request they answer; messages the broker starts get a fresh id.
 """
 
 from __future__ import annotations
 
 import time
-from collections import Counter, deque
+import uuid
+from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from tether.broker.buffer import RolloutBuffer
+from tether.broker.admission import Admission, AdmissionPolicy
+from tether.broker.journal import Meta
+from tether.broker.ledger import Ledger, lease_key
+from tether.broker.membership import Membership, Peer, RegistrationRefused
+from tether.broker.updates import WeightUpdates
+from tether.broker.validation import RolloutRules
+from tether.broker.versions import VersionBook
 from tether.common import wire
 from tether.common.config.broker import BrokerConfig
 from tether.common.errors import WireDecodeError
@@ -30,24 +40,61 @@ from tether.common.logging import get_logger
 from tether.common.messages import (
     Ack,
     BatchRequest,
+    Commit,
+    CommitAck,
     Error,
+    GenerationRequest,
     Heartbeat,
     Hello,
     PeerStatus,
+    PublishRequest,
     Record,
     Rollout,
     RolloutBatch,
+    RolloutRejection,
     Status,
     StatusRequest,
-    TensorSpec,
-    VersionAck,
-    WeightsAnnounce,
+    SubmitRollouts,
+    UpdateReport,
+    Welcome,
 )
+from tether.common.staleness import is_stale
 
 BROKER_ID = "broker"
 RATE_WINDOW_S = 10.0
-# Dead peers stay visible in `tether status` for this many peer timeouts, then are forgotten.
-DEAD_PEER_RETENTION = 6
+
+# Which roles may send which record (Hello and StatusRequest need no registration).
+ACCEPTED_FROM: dict[type[Record], frozenset[str]] = {
+    Heartbeat: frozenset({"actor", "learner", "tool"}),
+    Error: frozenset({"actor", "learner", "tool"}),
+    SubmitRollouts: frozenset({"actor"}),
+    GenerationRequest: frozenset({"actor"}),
+    UpdateReport: frozenset({"actor", "learner"}),
+    BatchRequest: frozenset({"learner"}),
+    PublishRequest: frozenset({"learner"}),
+    Commit: frozenset({"learner"}),
+}
+
+
+@dataclass(frozen=True)
+class RunPolicy:
+    """What the broker must know of the run beyond its own section (from the run config)."""
+
+    mode: str = "inflight"
+    """weights.mode."""
+    rollouts_per_step: int = 64
+    group_size: int = 8
+    max_lag: int = 4
+    max_tokens: int = 16
+    publish_interval: int = 1
+    vocab_size: int | None = None
+
+    @classmethod
+    def from_run_config(cls, config, vocab_size: int | None = None) -> RunPolicy:
+        return cls(mode=config.weights.mode, rollouts_per_step=config.learner.rollouts_per_step,
+                   group_size=config.actor.sampling.group_size, max_lag=config.learner.max_lag,
+                   max_tokens=config.actor.sampling.max_tokens, publish_interval=config.learner.publish_interval,
+                   vocab_size=vocab_size)
 
 
 @dataclass
@@ -63,131 +110,88 @@ class Outgoing:
 
 
 @dataclass
-class PeerInfo:
-    peer_id: str
-    role: str
-    identity: bytes
-    worker_count: int
-    incarnation: tuple[str, int]
-    last_seen: float
-    loaded_version: int
-    alive: bool = True
-    ready: bool = True
-    """An actor is ready once it holds the version that was latest when it joined."""
-    required_version: int = 0
-    unacked_rollouts: int = 0
-
-
-@dataclass
-class PendingUpdate:
-    version: int
-    epoch: int
-    awaiting: set[str]
-    deadline: float
-
-
-@dataclass
-class ParkedRequest:
+class ParkedBatch:
     identity: bytes
     msg_id: str
+    session: str
     request: BatchRequest
 
 
-@dataclass
-class RolloutQuota:
-    """stop_the_world: what the broker still accepts at `version` (the latest published one).
-
-    A group reserves `group_size` rollouts when its first member is admitted, so later members (in
-    other messages, or resent) always fit and groups stay whole; `used` never exceeds `per_version`.
-    """
-
-    per_version: int
-    version: int = 0
-    used: int = 0
-    admitted: dict[str, tuple[str, int]] = field(default_factory=dict)
-    """group id -> (actor id, reserved size) for the groups admitted at `version`."""
-    stale_groups: set[str] = field(default_factory=set)
-    """Groups with a stale member at `version`: their later members are dropped too (groups stay whole)."""
-
-    @property
-    def left(self) -> int:
-        return self.per_version - self.used
-
-    def reset(self, version: int) -> None:
-        self.version, self.used = version, 0
-        self.admitted.clear()
-        self.stale_groups.clear()
-
-    def admit(self, group_id: str, actor_id: str, size: int) -> bool:
-        if group_id in self.admitted:
-            return True
-        if self.used + size > self.per_version:
-            return False
-        self.admitted[group_id] = (actor_id, size)
-        self.used += size
-        return True
-
-    def release(self, group_id: str) -> None:
-        entry = self.admitted.pop(group_id, None)
-        if entry is not None:
-            self.used -= entry[1]
-
-
-@dataclass
-class Epoch:
-    number: int = 0
-    key: tuple | None = None
-    first_ranks: dict[str, int] = field(default_factory=dict)
-    world_size: int = 1
-
-
 class BrokerState:
-    """Peers, the version book, weight-update sequencing and the rollout buffer."""
+    """Routes every message to membership, versions, updates, ledger and admission."""
 
     def __init__(
         self,
         cfg: BrokerConfig,
-        buffer: RolloutBuffer | None = None,
+        policy: RunPolicy | None = None,
         *,
+        ledger: Ledger | None = None,
         clock: Callable[[], float] = time.monotonic,
-        mode: str = "inflight",
-        rollouts_per_step: int = 0,
+        incarnation: str | None = None,
+        key_roles: dict[str, frozenset[str]] | None = None,
     ) -> None:
-        """`mode` and `rollouts_per_step` come from the run config (weights.mode,
-        learner.rollouts_per_step); the quota exists only for mode "stop_the_world"."""
-        if mode not in ("inflight", "stop_the_world"):
-            raise ValueError(f"unknown weights mode {mode!r}")
-        if mode == "stop_the_world" and rollouts_per_step < 1:
-            raise ValueError("stop_the_world needs rollouts_per_step >= 1")
+        """`key_roles` (CURVE on): the roles each client public key may register as."""
         self.cfg = cfg
-        self.mode = mode
-        self.quota = RolloutQuota(rollouts_per_step) if mode == "stop_the_world" else None
-        self.buffer = buffer if buffer is not None else RolloutBuffer(cfg.buffer_capacity, dedup_window=cfg.dedup_window)
+        self.policy = policy or RunPolicy()
         self.clock = clock
+        self.incarnation = incarnation or uuid.uuid4().hex[:16]
+        self.key_roles = key_roles
         self.log = get_logger("tether.broker")
-        self.peers: dict[str, PeerInfo] = {}
-        self.counters: Counter[str] = Counter()
-        self.latest_version = 0
-        self.epoch = Epoch()
-        self.update: PendingUpdate | None = None
-        self.excluded: set[str] = set()
-        self.learner_id: str | None = None
-        self._tensors: list[TensorSpec] = []
-        self._bucket_bytes = 1
-        self._queued_announce: tuple[int, str] | None = None  # (version, learner request msg_id)
-        self._parked: dict[str, ParkedRequest] = {}
-        self._dropped_for: Counter[str] = Counter()
-        # Stale drops not caused by one rank's request (on arrival, at an announce): reported in the
-        # next batch served to any rank, so the learner's samples_dropped includes them.
-        self._dropped_unreported = 0
+        self.counters: dict[str, int] = {}
+        self.members = Membership(peer_timeout_s=cfg.peer_timeout_s, max_peers=cfg.max_peers, clock=clock)
+        self.book = VersionBook()
+        self.ledger = ledger if ledger is not None else Ledger(cfg.buffer_capacity, dedup_window=cfg.dedup_window,
+                                                               clock=clock)
+        self.ledger.clock = clock
+        self.ledger.meta = self._meta
+        self.updates = WeightUpdates(
+            store_host=cfg.host, store_port=cfg.store_port, update_timeout_s=cfg.update_timeout_s,
+            nudge_interval_s=max(1.0, 2 * cfg.heartbeat_interval_s), broker_incarnation=self.incarnation, clock=clock,
+        )
+        self.admission = Admission(AdmissionPolicy(self.policy.mode, self.policy.rollouts_per_step,
+                                                   self.policy.group_size, self.policy.max_lag, cfg.buffer_capacity))
+        self.rules = RolloutRules(self.policy.group_size, self.policy.max_tokens, self.policy.vocab_size)
+        self.committed_version = -1
+        self._parked: OrderedDict[str, ParkedBatch] = OrderedDict()
+        self._unreported_drops = 0
+        self._delivered_groups: OrderedDict[str, None] = OrderedDict()
+        self._stale_groups: set[str] = set()  # stop_the_world: groups with a member stale on arrival
         self._rate: deque[tuple[float, int]] = deque()
+        self._next_expiry = clock() + cfg.incomplete_group_ttl_s
+        self._restore(self.ledger.replay())
+
+    # ------------------------------------------------------------------ persistence
+
+    def _meta(self) -> Meta:
+        return Meta(latest_version=self.book.latest_version, lineage=list(self.book.lineage),
+                    epoch=self.updates.epoch_counter, committed_version=self.committed_version,
+                    session=self.book.session, **self.ledger.counters())
+
+    def _restore(self, meta: Meta | None) -> None:
+        if meta is not None:
+            self.book.latest_version = self.book.learner_version = meta.latest_version
+            self.book.lineage = [tuple(entry) for entry in meta.lineage]
+            self.updates.epoch_counter = meta.epoch
+            self.committed_version = meta.committed_version
+        if self.ledger.journal is not None:
+            self.ledger.compact()
+            self.log.info("journal replayed", buffered=self.ledger.depth, leased=self.ledger.leased,
+                          latest_version=self.book.latest_version, epoch=self.updates.epoch_counter,
+                          **self.ledger.counters())
+
+    def _save_meta(self) -> None:
+        if self.ledger.journal is not None:
+            self.ledger.journal.meta(self._meta())
 
     # ------------------------------------------------------------------ entry points
 
-    def handle(self, peer: bytes, data: bytes | None) -> list[Outgoing]:
-        """Decode one message from connection `peer` and apply it. Never raises on bad input."""
+    def handle(self, peer: bytes, data: bytes | None, credential: str | None = None) -> list[Outgoing]:
+        """Decode one message from connection `peer` and apply it. Never raises on bad input.
+
+        `credential` is the CURVE public key the connection authenticated with (None without CURVE).
+        """
         if data is None:
-            return self._reject(peer, "malformed", "expected exactly one frame per message", "")
+            return self._error(peer, "malformed", "expected exactly one frame per message", "")
         try:
             message = wire.decode(data, max_bytes=self.cfg.max_message_bytes)
         except WireDecodeError as exc:
@@ -199,101 +203,105 @@ class BrokerState:
                 code = "unknown_kind"
             elif "exceeds the limit" in text:
                 code = "too_large"
-            return self._reject(peer, code, text, _msg_id_of(data))
+            return self._error(peer, code, text, _msg_id_of(data))
         try:
-            return self.handle_message(peer, message)
+            return self.handle_message(peer, message, credential)
         except Exception as exc:  # a bug must cost one message, not the daemon
-            self.counters["internal_errors"] += 1
+            self._count("internal_errors")
             self.log.exception("internal error handling message", kind=message.kind, sender=message.sender)
             return [Outgoing(peer, Error(code="internal", message=f"{type(exc).__name__}: {exc}",
                                          ref_msg_id=message.msg_id), message.msg_id)]
 
-    def handle_message(self, peer: bytes, message: wire.Message) -> list[Outgoing]:
-        body = message.body
-        self.counters[f"recv_{message.kind}"] += 1
+    def handle_message(self, identity: bytes, message: wire.Message, credential: str | None = None) -> list[Outgoing]:
+        body, msg_id = message.body, message.msg_id
+        self._count(f"recv_{message.kind}")
+        out: list[Outgoing] = []
         if isinstance(body, Hello):
-            return self._on_hello(peer, message, body)
-        if isinstance(body, StatusRequest):
-            return [Outgoing(peer, self.status(), message.msg_id)]
-        info = self.peers.get(message.sender)
-        if info is None or not info.alive:
-            return self._reject(peer, "not_registered", f"peer {message.sender!r} must send Hello first", message.msg_id)
-        info.identity = peer
-        info.last_seen = self.clock()
+            self._on_hello(identity, credential, message, body, out)
+        elif isinstance(body, StatusRequest):
+            out.append(Outgoing(identity, self.status(), msg_id))
+        elif type(body) not in ACCEPTED_FROM:
+            return self._error(identity, "malformed", f"the broker does not accept {message.kind!r}", msg_id)
+        else:
+            peer = self.members.alive(message.sender)
+            if peer is None:
+                return self._error(identity, "not_registered", f"peer {message.sender!r} must send Hello first", msg_id)
+            if peer.credential != credential:
+                return self._error(identity, "forbidden", f"{message.sender!r} is registered with another key", msg_id)
+            if peer.role not in ACCEPTED_FROM[type(body)]:
+                return self._error(identity, "forbidden", f"a {peer.role} may not send {message.kind!r}", msg_id)
+            self.members.touch(peer, identity)
+            self._dispatch(peer, message, out)
+        self._serve(out)
+        return out
+
+    def _dispatch(self, peer: Peer, message: wire.Message, out: list[Outgoing]) -> None:
+        body, msg_id = message.body, message.msg_id
         if isinstance(body, Heartbeat):
-            return self._on_heartbeat(info, body)
-        if isinstance(body, Rollout):
-            return self._on_rollouts(info, message, [body])
-        if isinstance(body, RolloutBatch):
-            return self._on_rollouts(info, message, body.rollouts)
-        if isinstance(body, BatchRequest):
-            return self._on_batch_request(info, message, body)
-        if isinstance(body, WeightsAnnounce):
-            return self._on_weights_announce(info, message, body)
-        if isinstance(body, VersionAck):
-            return self._on_version_ack(info, body)
-        if isinstance(body, Error):
-            self.counters["peer_errors"] += 1
-            self.log.warning("peer reported an error", peer=info.peer_id, code=body.code, message=body.message)
-            return []
-        return self._reject(peer, "malformed", f"the broker does not accept {message.kind!r}", message.msg_id)
+            return
+        if isinstance(body, SubmitRollouts):
+            self._on_submit(peer, msg_id, body.rollouts, out)
+        elif isinstance(body, GenerationRequest):
+            self.admission.request(peer.peer_id, peer.identity, msg_id, body)
+        elif isinstance(body, BatchRequest):
+            self._on_batch_request(peer, msg_id, body, out)
+        elif isinstance(body, PublishRequest):
+            self._on_publish(peer, msg_id, body, out)
+        elif isinstance(body, UpdateReport):
+            self._on_update_report(peer, body)
+        elif isinstance(body, Commit):
+            self._on_commit(peer, msg_id, body, out)
+        elif isinstance(body, Error):
+            self._count("peer_errors")
+            self.log.warning("peer reported an error", peer=peer.peer_id, code=body.code, message=body.message[:300])
 
     def tick(self) -> list[Outgoing]:
-        """Time-driven rules: declare silent peers dead, time out weight updates."""
-        now = self.clock()
+        """Time-driven rules: declare silent peers dead, time out updates, nudge, expire groups."""
         out: list[Outgoing] = []
-        for info in list(self.peers.values()):
-            silent = now - info.last_seen
-            if info.alive and silent > self.cfg.peer_timeout_s:
-                info.alive = False
-                self.counters["peers_died"] += 1
-                self.log.warning("peer declared dead", peer=info.peer_id, role=info.role, silent_s=round(silent, 2))
-                self._parked.pop(info.peer_id, None)
-                if info.role == "actor":
-                    self._release_quota_of(info.peer_id)
-                if self.update is not None and info.peer_id == self.learner_id:
-                    self.log.warning("learner died during an update; abandoning it", version=self.update.version)
-                    self.update = None
-                elif self.update is not None and info.peer_id in self.update.awaiting:
-                    self._reform(out, {info.peer_id}, reason="member died")
-            elif not info.alive and silent > DEAD_PEER_RETENTION * self.cfg.peer_timeout_s:
-                del self.peers[info.peer_id]
-        if self.update is not None and now >= self.update.deadline:
-            self._reform(out, set(self.update.awaiting), reason="update timed out")
-        self._maybe_start_update(out)
+        for peer in self.members.expire():
+            self._count("peers_died")
+            self.log.warning("peer declared dead", peer=peer.peer_id, role=peer.role,
+                             silent_s=round(self.clock() - peer.last_seen, 2))
+            self.updates.on_death(peer)
+            if peer.role == "actor":
+                self.admission.forget(peer.peer_id)
+            self._parked.pop(peer.peer_id, None)
+        now = self.clock()
+        if now >= self._next_expiry:
+            self._next_expiry = now + max(1.0, self.cfg.incomplete_group_ttl_s / 4)
+            dropped = self.ledger.drop_orphaned_groups(self.cfg.incomplete_group_ttl_s,
+                                                       {p.peer_id for p in self.members.actors()})
+            if dropped:
+                self._unreported_drops += dropped
+                self.log.warning("dropped incomplete groups of dead actors", rollouts=dropped)
+        self.updates.tick(self.members.learner(), self.members.actors(), self.book, self._sender(out))
+        self._serve(out)
         return out
 
     def next_deadline(self) -> float:
         """When `tick` next has something to do (the server may sleep until then)."""
-        times = [info.last_seen + self.cfg.peer_timeout_s for info in self.peers.values() if info.alive]
-        if self.update is not None:
-            times.append(self.update.deadline)
+        times = [t for t in (self.members.next_deadline(), self.updates.next_deadline(), self._next_expiry)
+                 if t is not None]
         return min(times, default=self.clock() + self.cfg.heartbeat_interval_s)
 
     def status(self) -> Status:
         now = self.clock()
-        peers = [
-            PeerStatus(
-                peer_id=p.peer_id,
-                role=p.role,  # type: ignore[arg-type]
-                alive=p.alive,
-                loaded_version=p.loaded_version,
-                lag=max(0, self.latest_version - max(p.loaded_version, 0)) if p.role == "actor" else 0,
-                seconds_since_seen=round(now - p.last_seen, 3),
-            )
-            for p in sorted(self.peers.values(), key=lambda p: (p.role, p.peer_id))
-        ]
+        latest = self.book.latest_version
+        peers = []
+        for p in sorted(self.members.peers.values(), key=lambda p: (p.role, p.peer_id)):
+            if p.role == "actor":
+                held = self.book.actor_version(p.peer_id)
+                version, lag, ready = (held, latest - held, True) if held is not None else (-1, 0, False)
+            else:
+                version, lag, ready = (self.book.learner_version if p.role == "learner" else -1), 0, True
+            peers.append(PeerStatus(peer_id=p.peer_id, role=p.role, alive=p.alive, loaded_version=version,  # type: ignore[arg-type]
+                                    lag=lag, ready=ready, seconds_since_seen=round(now - p.last_seen, 3)))
         return Status(
-            peers=peers,
-            latest_version=self.latest_version,
-            epoch=self.epoch.number,
-            buffer_depth=self.buffer.depth,
-            rollouts_per_second=self.rollouts_per_second(),
-            stored_total=self.buffer.stored_total,
-            dropped_stale_total=self.buffer.dropped_stale_total,
-            consumed_total=self.buffer.consumed_total,
-            quota_version=self.quota.version if self.quota is not None else -1,
-            quota_left=self.quota.left if self.quota is not None else -1,
+            broker_incarnation=self.incarnation, peers=peers, latest_version=latest, lineage=self.book.session,
+            epoch=self.updates.epoch.number, committed_version=self.committed_version,
+            buffer_depth=self.ledger.depth, leased=self.ledger.leased,
+            rollouts_per_second=self.rollouts_per_second(), granted_groups=self.admission.granted_groups,
+            update_in_flight=self.updates.in_flight is not None, **self.ledger.counters(),
         )
 
     def rollouts_per_second(self) -> float:
@@ -302,293 +310,240 @@ class BrokerState:
             self._rate.popleft()
         return round(sum(n for _, n in self._rate) / RATE_WINDOW_S, 3)
 
-    # ------------------------------------------------------------------ handlers
+    # ------------------------------------------------------------------ helpers
 
-    def _reject(self, peer: bytes, code: str, text: str, ref: str) -> list[Outgoing]:
-        self.counters[f"error_{code}"] += 1
-        if code in ("malformed", "unknown_kind", "schema_mismatch", "too_large"):
-            self.log.info("bad message", code=code, error=text[:300])
-        return [Outgoing(peer, Error(code=code, message=text[:1000], ref_msg_id=ref), ref or None)]  # type: ignore[arg-type]
+    def _count(self, name: str, n: int = 1) -> None:
+        self.counters[name] = self.counters.get(name, 0) + n
 
-    def _on_hello(self, peer: bytes, message: wire.Message, hello: Hello) -> list[Outgoing]:
+    def _error(self, identity: bytes, code: str, text: str, ref: str) -> list[Outgoing]:
+        self._count(f"error_{code}")
+        if code in ("malformed", "unknown_kind", "schema_mismatch", "too_large", "forbidden"):
+            self.log.info("refused a message", code=code, error=text[:300])
+        return [Outgoing(identity, Error(code=code, message=text[:1000], ref_msg_id=ref), ref or None)]  # type: ignore[arg-type]
+
+    def _sender(self, out: list[Outgoing]) -> Callable[[Peer, Record, str | None], None]:
+        return lambda peer, record, msg_id: out.append(Outgoing(peer.identity, record, msg_id))
+
+    def _serve(self, out: list[Outgoing]) -> None:
+        """After any change: serve parked batch requests, then generation requests, then nudge."""
+        self._serve_batches(out)
+        learner_waiting = bool(self._parked)
+        next_step = self.book.learner_version + (0 if learner_waiting else 1)
+        for grant in self.admission.serve(buffered=self.ledger.depth, next_step=next_step,
+                                          latest_version=self.book.latest_version,
+                                          actor_version=self.book.actor_version):
+            out.append(Outgoing(grant.identity, grant.record, grant.msg_id))
+        self.updates.maybe_nudge(self.members.learner(), self.members.actors(), self.book, self._sender(out))
+
+    # ------------------------------------------------------------------ registration
+
+    def _on_hello(self, identity: bytes, credential: str | None, message: wire.Message, hello: Hello,
+                  out: list[Outgoing]) -> None:
+        msg_id = message.msg_id
         if hello.peer_id != message.sender:
-            return self._reject(peer, "malformed", "Hello.peer_id must equal the envelope sender", message.msg_id)
-        now = self.clock()
-        old = self.peers.get(hello.peer_id)
-        if old is None and len(self.peers) >= self.cfg.max_peers:
-            return self._reject(peer, "rejected", f"the broker already has {self.cfg.max_peers} peers", message.msg_id)
-        incarnation = (hello.host, hello.pid)
-        info = PeerInfo(
-            peer_id=hello.peer_id,
-            role=hello.role,
-            identity=peer,
-            worker_count=hello.worker_count if hello.role == "actor" else 0,
-            incarnation=incarnation,
-            last_seen=now,
-            loaded_version=hello.loaded_version,
-        )
-        if hello.role == "actor":
-            # A joining actor must first hold what is current now; until then its rollouts wait.
-            info.required_version = self.latest_version
-            info.ready = hello.loaded_version >= self.latest_version
-            if old is not None and old.ready and old.incarnation == incarnation and old.alive:
-                info.ready = True  # the same process re-registering (e.g. after a broker restart)
-        self.peers[hello.peer_id] = info
-        self.excluded.discard(hello.peer_id)
-        event = "peer joined" if old is None or not old.alive or old.incarnation != incarnation else "peer re-registered"
-        self.log.info(event, peer=hello.peer_id, role=hello.role, workers=hello.worker_count,
-                      loaded_version=hello.loaded_version, ready=info.ready)
-        out = [Outgoing(peer, self.status(), message.msg_id)]
-        self._maybe_start_update(out)
-        return out
+            out.extend(self._error(identity, "malformed", "Hello.peer_id must equal the envelope sender", msg_id))
+            return
+        if self.key_roles is not None and hello.role not in self.key_roles.get(credential or "", frozenset()):
+            out.extend(self._error(identity, "forbidden", f"this client key may not register as a {hello.role}", msg_id))
+            return
+        if hello.role == "learner" and not hello.session:
+            out.extend(self._error(identity, "malformed", "a learner's Hello must name its session", msg_id))
+            return
+        try:
+            peer, event = self.members.register(hello, identity, credential)
+        except RegistrationRefused as exc:
+            out.extend(self._error(identity, exc.code, str(exc), msg_id))
+            return
+        self.updates.on_registered(peer)
+        if peer.role == "actor":
+            self.admission.forget(peer.peer_id)
+            self.book.record(peer.peer_id, hello.loaded_lineage, hello.loaded_version)
+        elif peer.role == "learner":
+            self._on_learner_hello(peer, hello)
+        ready = peer.role != "actor" or self.book.actor_version(peer.peer_id) is not None
+        self.log.info(f"peer {event}", peer=peer.peer_id, role=peer.role, rank=peer.rank, workers=peer.worker_count,
+                      loaded_version=hello.loaded_version, ready=ready)
+        out.append(Outgoing(identity, Welcome(broker_incarnation=self.incarnation,
+                                              latest_version=self.book.latest_version, lineage=self.book.session,
+                                              ready=ready), msg_id))
 
-    def _on_heartbeat(self, info: PeerInfo, hb: Heartbeat) -> list[Outgoing]:
-        if hb.loaded_version >= 0:
-            info.loaded_version = hb.loaded_version
-        info.unacked_rollouts = hb.unacked_rollouts
-        return []
+    def _on_learner_hello(self, peer: Peer, hello: Hello) -> None:
+        if hello.session == self.book.session:
+            return  # the same training session registering again (after a broker restart)
+        previous = self.book.latest_version
+        rewind = self.book.fork(hello.session, hello.loaded_version)
+        committed = max(hello.committed_version, 0)
+        consumed, returned = self.ledger.end_other_sessions(hello.session, committed)
+        self.committed_version = hello.committed_version
+        dropped = 0
+        if rewind is not None:
+            # Versions above the fork point now name other weights: whatever they generated is void.
+            dropped = self.ledger.drop_where(lambda r: r.max_version > rewind, "generated by an abandoned lineage")
+            self._unreported_drops += dropped
+        self._parked.clear()
+        self.updates.abandon("a new learner session started")
+        self._save_meta()
+        self.log.info("learner session started", session=hello.session, version=hello.loaded_version,
+                      committed_version=hello.committed_version, previous_latest=previous, rewound=rewind is not None,
+                      leases_consumed=consumed, leases_returned=returned, dropped_abandoned_lineage=dropped)
 
-    def _on_rollouts(self, info: PeerInfo, message: wire.Message, rollouts: list[Rollout]) -> list[Outgoing]:
-        if not info.ready:
-            return self._reject(
-                info.identity, "rejected",
-                f"not ready: load weight version {info.required_version} first, then resend", message.msg_id)
+    # ------------------------------------------------------------------ rollouts
+
+    def _on_submit(self, peer: Peer, msg_id: str, rollouts: list[Rollout], out: list[Outgoing]) -> None:
+        if self.book.actor_version(peer.peer_id) is None:
+            self._count("rollouts_refused_not_ready", len(rollouts))
+            out.append(Outgoing(peer.identity, Ack(
+                acked=[], retry=[r.rollout_id for r in rollouts],
+                retry_reason=f"not ready: load version {self.book.latest_version} of the current lineage first"),
+                msg_id))
+            return
+        invalid: list[RolloutRejection] = []
+        valid: list[Rollout] = []
+        for rollout in rollouts:
+            problem = self.rules.problem(rollout, peer.peer_id, self.book.latest_version)
+            if problem is None:
+                valid.append(rollout)
+            else:
+                invalid.append(RolloutRejection(rollout_id=rollout.rollout_id, reason=problem))
+        if invalid:
+            self._count("rollouts_invalid", len(invalid))
+            self.log.warning("refused invalid rollouts", peer=peer.peer_id, count=len(invalid),
+                             first=invalid[0].reason)
         stale: list[Rollout] = []
-        over_quota: list[Rollout] = []
-        admitted_now: set[str] = set()
-        if self.quota is not None:
-            rollouts, stale, over_quota, admitted_now = self._apply_quota(rollouts)
-        result = self.buffer.add(rollouts)
-        for gid in admitted_now:
-            if not self.buffer.has_group(gid):
-                self.quota.release(gid)  # type: ignore[union-attr]  # refused for capacity: nothing reserved
-        now = self.clock()
+        if self.policy.mode == "stop_the_world":
+            valid, stale = self._split_stale_on_arrival(valid)
+        self._note_deliveries(peer.peer_id, valid + stale)
+        result = self.ledger.store(valid)
+        dropped = self.ledger.drop_on_arrival(stale, "stale on arrival (stop_the_world)")
+        self._unreported_drops += len(dropped.stored)
         if result.stored:
-            self._rate.append((now, len(result.stored)))
-        acked, duplicates = result.acked, len(result.duplicates)
-        if stale:
-            discarded = self.buffer.discard_stale(stale)
-            acked, duplicates = acked + discarded.acked, duplicates + len(discarded.duplicates)
-            if discarded.stored:
-                self._dropped_unreported += len(discarded.stored)
-                self.counters["dropped_stale_on_arrival"] += len(discarded.stored)
-                self.log.info("dropped stale rollouts on arrival", count=len(discarded.stored), peer=info.peer_id,
-                              latest_version=self.latest_version)
-        out: list[Outgoing] = []
-        # stop_the_world: always answer with the quota (even with nothing acked), so the actor knows
-        # to stop starting groups at this version.
-        if acked or self.quota is not None:
-            quota = self.quota
-            out.append(Outgoing(info.identity, Ack(
-                rollout_ids=acked, duplicates=duplicates,
-                quota_version=quota.version if quota is not None else -1,
-                quota_left=quota.left if quota is not None else -1), message.msg_id))
+            self._rate.append((self.clock(), len(result.stored)))
         if result.refused:
-            self.counters["refused_rollouts"] += len(result.refused)
-            out.extend(self._reject(
-                info.identity, "rejected",
-                f"buffer full ({self.buffer.depth}/{self.buffer.capacity}): {len(result.refused)} rollouts refused, "
-                "keep them and retry later", message.msg_id))
-        if over_quota:
-            self.counters["over_quota_rollouts"] += len(over_quota)
-            out.extend(self._reject(
-                info.identity, "rejected",
-                f"stop_the_world quota for version {self.latest_version} is full: {len(over_quota)} rollouts "
-                "refused, keep them; they will be acked (as stale) after the next version", message.msg_id))
-        out.extend(self._serve_parked())
-        return out
+            self._count("rollouts_refused_full", len(result.refused))
+        acked = result.stored + result.duplicates + dropped.stored + dropped.duplicates
+        out.append(Outgoing(peer.identity, Ack(
+            acked=acked, duplicates=len(result.duplicates) + len(dropped.duplicates),
+            dropped_stale=len(dropped.stored), retry=result.refused,
+            retry_reason=(f"buffer full ({self.ledger.depth}/{self.cfg.buffer_capacity})" if result.refused else ""),
+            invalid=invalid), msg_id))
 
-    def _apply_quota(self, rollouts: list[Rollout]) -> tuple[list[Rollout], list[Rollout], list[Rollout], set[str]]:
-        """stop_the_world: split into (to store, stale, over quota, groups admitted by this call)."""
-        quota = self.quota
-        assert quota is not None
-        keep: list[Rollout] = []
-        stale: list[Rollout] = []
-        over: list[Rollout] = []
-        admitted_now: set[str] = set()
+    def _note_deliveries(self, actor_id: str, rollouts: list[Rollout]) -> None:
+        """Each group's first arrival uses up one of the actor's generation grants."""
         for rollout in rollouts:
             gid = rollout.group_id
-            if self.buffer.seen(rollout.rollout_id):
-                keep.append(rollout)  # a duplicate: the buffer acks it again, no quota involved
-            elif gid in quota.stale_groups or self._stale_on_arrival(rollout):
+            if gid in self._delivered_groups or self.ledger.known(rollout.rollout_id):
+                continue
+            self._delivered_groups[gid] = None
+            if len(self._delivered_groups) > 4 * self.cfg.buffer_capacity + 1024:
+                self._delivered_groups.popitem(last=False)
+            self.admission.delivered(actor_id)
+
+    def _split_stale_on_arrival(self, rollouts: list[Rollout]) -> tuple[list[Rollout], list[Rollout]]:
+        """stop_the_world: a rollout with a token older than the latest version, or of two versions, is
+        stale the moment it arrives; its group goes whole (buffered members included)."""
+        latest = self.book.latest_version
+        keep, stale = [], []
+        for rollout in rollouts:
+            gid = rollout.group_id
+            mixed = rollout.num_completion_tokens and rollout.min_version != rollout.max_version
+            if gid in self._stale_groups or mixed or is_stale(rollout.min_version, latest, 0):
+                if gid not in self._stale_groups and not self.ledger.known(rollout.rollout_id):
+                    self._stale_groups.add(gid)
+                    self._unreported_drops += self.ledger.drop_groups([gid], "stale on arrival (stop_the_world)")
                 stale.append(rollout)
-                if gid not in quota.stale_groups:
-                    quota.stale_groups.add(gid)
-                    # Groups stay whole: a group with a stale member goes entirely, buffered part included.
-                    quota.release(gid)
-                    if self.buffer.has_group(gid):
-                        self._dropped_unreported += self.buffer.drop_group(gid)
-            elif gid in quota.admitted or self.buffer.has_group(gid):
-                keep.append(rollout)  # the rest of a group already admitted: its room is reserved
-            elif quota.admit(gid, rollout.actor_id, rollout.group_size):
-                admitted_now.add(gid)
-                keep.append(rollout)
             else:
-                over.append(rollout)
-        return keep, stale, over, admitted_now
+                keep.append(rollout)
+        return keep, stale
 
-    def _stale_on_arrival(self, rollout: Rollout) -> bool:
-        """Not every token at the latest version (an empty completion is never stale, as in drop_stale)."""
-        if rollout.num_completion_tokens == 0:
-            return False
-        versions = rollout.versions.numpy()
-        return int(versions[0]) < self.latest_version or int(versions[-1]) != int(versions[0])
+    # ------------------------------------------------------------------ batches
 
-    def _release_quota_of(self, actor_id: str) -> None:
-        """A dead actor's incomplete groups may never complete: give their reserved room back."""
-        if self.quota is None:
+    def _on_batch_request(self, peer: Peer, msg_id: str, req: BatchRequest, out: list[Outgoing]) -> None:
+        if peer.session != self.book.session:
+            out.extend(self._error(peer.identity, "rejected",
+                                   f"session {peer.session!r} was superseded by {self.book.session!r}", msg_id))
             return
-        for gid, (owner, _) in list(self.quota.admitted.items()):
-            if owner == actor_id and not self.buffer.is_complete(gid):
-                self.quota.release(gid)
-                self.log.info("released quota of an incomplete group of a dead actor", group=gid, actor=actor_id)
+        if req.size > self.cfg.buffer_capacity:
+            out.extend(self._error(peer.identity, "rejected", f"size {req.size} exceeds what the buffer can ever "
+                                   f"hold (broker.buffer_capacity={self.cfg.buffer_capacity})", msg_id))
+            return
+        low, high = self.book.latest_version, self.book.latest_version + self.policy.publish_interval
+        if not low <= req.learner_version <= high:
+            out.extend(self._error(peer.identity, "rejected", f"learner_version {req.learner_version} is outside "
+                                   f"[{low}, {high}] (latest published {low}, publish interval "
+                                   f"{self.policy.publish_interval})", msg_id))
+            return
+        self.book.learner_version = max(self.book.learner_version, req.learner_version)
+        self._parked[peer.peer_id] = ParkedBatch(peer.identity, msg_id, peer.session, req)
 
-    def _on_batch_request(self, info: PeerInfo, message: wire.Message, req: BatchRequest) -> list[Outgoing]:
-        # One parked request per learner rank: a re-sent request replaces the older one.
-        self._parked[info.peer_id] = ParkedRequest(info.identity, message.msg_id, req)
-        return self._serve_parked()
-
-    def _serve_parked(self) -> list[Outgoing]:
-        out: list[Outgoing] = []
+    def _serve_batches(self, out: list[Outgoing]) -> None:
         for peer_id in list(self._parked):
             parked = self._parked[peer_id]
-            # Staleness is judged when a batch is served, not when it was asked for: rollouts that
-            # arrived while the request waited (e.g. resent from an actor's queue) may be too old.
             req = parked.request
-            dropped = self.buffer.drop_stale(req.learner_version - req.max_lag)
-            if dropped:
-                self._dropped_for[peer_id] += dropped
-                self.log.info("dropped stale rollouts", count=dropped, learner_version=req.learner_version,
-                              max_lag=req.max_lag)
-            batch = self.buffer.take(req.size)
-            if batch is None:
-                break  # FIFO across ranks: nobody overtakes a rank that is still waiting
+            lease = self.ledger.leases.get(lease_key(parked.session, req.rank, req.seq))
+            if lease is None:
+                # Staleness is judged when a batch is served: rollouts that arrived while the
+                # request waited may be too old by now.
+                dropped = self.ledger.drop_where(
+                    lambda r, v=req.learner_version, lag=req.max_lag: is_stale(r.min_version, v, lag),
+                    "older than max_lag when served")
+                if dropped:
+                    self._unreported_drops += dropped
+                    self.log.info("dropped stale rollouts", count=dropped, learner_version=req.learner_version,
+                                  max_lag=req.max_lag)
+                lease = self.ledger.lease(parked.session, req.rank, req.seq, req.learner_version, req.size)
+            if lease is None:
+                continue  # not enough yet; other ranks' smaller requests may still be served
             del self._parked[peer_id]
-            dropped = self._dropped_for.pop(peer_id, 0) + self._dropped_unreported
-            self._dropped_unreported = 0
-            out.append(Outgoing(parked.identity, RolloutBatch(rollouts=batch, dropped_stale=dropped), parked.msg_id))
-        return out
+            out.append(Outgoing(parked.identity, RolloutBatch(
+                seq=req.seq, learner_version=lease.step, rollouts=lease.rollouts,
+                dropped_stale=self._unreported_drops), parked.msg_id))
+            self._unreported_drops = 0
 
-    def _on_weights_announce(self, info: PeerInfo, message: wire.Message, ann: WeightsAnnounce) -> list[Outgoing]:
-        if info.role != "learner":
-            return self._reject(info.identity, "rejected", "only the learner announces weights", message.msg_id)
-        if ann.version < self.latest_version:
-            return self._reject(info.identity, "rejected",
-                                f"version {ann.version} is older than the published {self.latest_version}", message.msg_id)
-        self.learner_id = info.peer_id
-        self._tensors = list(ann.tensors)
-        self._bucket_bytes = ann.bucket_bytes
-        self.latest_version = ann.version
-        if self.quota is not None and ann.version > self.quota.version:
-            # A new version: a fresh quota, and nothing older may be served any more (lag 0 only).
-            self.quota.reset(ann.version)
-            dropped = self.buffer.drop_stale(ann.version)
-            if dropped:
-                self._dropped_unreported += dropped
-                self.log.info("dropped stale rollouts at a new version", count=dropped, version=ann.version)
-        info.loaded_version = ann.version
-        self._queued_announce = (ann.version, message.msg_id)
-        self.log.info("weights announced", version=ann.version, tensors=len(ann.tensors))
-        out: list[Outgoing] = []
-        self._maybe_start_update(out)
-        return out
+    # ------------------------------------------------------------------ weights
 
-    def _on_version_ack(self, info: PeerInfo, ack: VersionAck) -> list[Outgoing]:
-        out: list[Outgoing] = []
-        if ack.ok:
-            info.loaded_version = max(info.loaded_version, ack.version)
-            if not info.ready and info.loaded_version >= info.required_version:
-                info.ready = True
-                self.log.info("actor ready", peer=info.peer_id, version=info.loaded_version)
-        else:
-            self.log.warning("actor failed to load weights", peer=info.peer_id, version=ack.version, error=ack.error)
-        upd = self.update
-        if upd is not None and ack.version == upd.version and ack.epoch == upd.epoch and info.peer_id in upd.awaiting:
-            if ack.ok:
-                upd.awaiting.discard(info.peer_id)
-                if not upd.awaiting:
-                    self.log.info("weight update complete", version=upd.version, epoch=upd.epoch)
-                    self.update = None
-            else:
-                self._reform(out, {info.peer_id}, reason="member failed to load")
-        self._maybe_start_update(out)
-        return out
+    def _learner_rank0(self, peer: Peer, msg_id: str, out: list[Outgoing], what: str) -> bool:
+        if peer.rank != 0 or peer.session != self.book.session:
+            out.extend(self._error(peer.identity, "forbidden",
+                                   f"only learner rank 0 of the current session may {what}", msg_id))
+            return False
+        return True
 
-    # ------------------------------------------------------------------ weight updates
-
-    def _learner_alive(self) -> PeerInfo | None:
-        info = self.peers.get(self.learner_id or "")
-        return info if info is not None and info.alive else None
-
-    def _candidates(self) -> list[PeerInfo]:
-        return sorted(
-            (p for p in self.peers.values() if p.role == "actor" and p.alive and p.peer_id not in self.excluded),
-            key=lambda p: p.peer_id,
-        )
-
-    def _maybe_start_update(self, out: list[Outgoing]) -> None:
-        """Start the next update if none is in flight: a queued learner announce first, else a
-        re-publish of the latest version when an actor lacks it."""
-        if self.update is not None:
+    def _on_publish(self, peer: Peer, msg_id: str, req: PublishRequest, out: list[Outgoing]) -> None:
+        if not self._learner_rank0(peer, msg_id, out, "publish weights"):
             return
-        learner = self._learner_alive()
-        if learner is None:
+        if req.version < self.book.latest_version:
+            out.extend(self._error(peer.identity, "rejected", f"version {req.version} is older than the "
+                                   f"published {self.book.latest_version}", msg_id))
             return
-        if self._queued_announce is not None:
-            version, msg_id = self._queued_announce
-            self._queued_announce = None
-            self._start_update(out, learner, version, msg_id)
-        elif self.latest_version > 0 and any(p.loaded_version < self.latest_version for p in self._candidates()):
-            self.counters["republishes"] += 1
-            self._start_update(out, learner, self.latest_version, None)
+        if req.version > self.book.latest_version and self.policy.mode == "stop_the_world":
+            self._stale_groups.clear()
+            dropped = self.ledger.drop_where(lambda r: is_stale(r.min_version, req.version, 0),
+                                             "older than the latest version (stop_the_world)")
+            self._unreported_drops += dropped
+        self.book.latest_version = req.version
+        self.book.learner_version = max(self.book.learner_version, req.version)
+        epoch_before = self.updates.epoch_counter
+        self.updates.on_publish_request(peer, msg_id, req, self.members.actors(), self.book, self._sender(out))
+        self._save_meta()
+        if self.updates.epoch_counter != epoch_before:
+            self._count("epochs")
 
-    def _start_update(self, out: list[Outgoing], learner: PeerInfo, version: int, msg_id: str | None) -> None:
-        members = self._candidates()
-        key = (learner.incarnation, tuple((p.peer_id, p.incarnation, p.worker_count) for p in members))
-        if key != self.epoch.key:
-            rank = 1
-            ranks: dict[str, int] = {}
-            for p in members:
-                ranks[p.peer_id] = rank
-                rank += p.worker_count
-            self.epoch = Epoch(number=self.epoch.number + 1, key=key, first_ranks=ranks, world_size=rank)
-            self.log.info("new weight-group epoch", epoch=self.epoch.number, members=list(ranks),
-                          world_size=self.epoch.world_size)
+    def _on_update_report(self, peer: Peer, report: UpdateReport) -> None:
+        upd = self.updates.in_flight
+        current = upd is not None and (upd.version, upd.epoch) == (report.version, report.epoch)
+        if peer.role == "actor" and report.ok and current and peer.peer_id in upd.awaiting:
+            self.book.record(peer.peer_id, self.book.session, report.version)
+        self.updates.on_report(peer, report.version, report.epoch, report.ok, report.error, self.book)
 
-        def announce(first_rank: int) -> WeightsAnnounce:
-            return WeightsAnnounce(
-                version=version, epoch=self.epoch.number, tensors=self._tensors, bucket_bytes=self._bucket_bytes,
-                group_host=self.cfg.host, group_port=self.cfg.store_port,
-                group_world_size=self.epoch.world_size, first_rank=first_rank,
-            )
-
-        for p in members:
-            out.append(Outgoing(p.identity, announce(self.epoch.first_ranks[p.peer_id])))
-        out.append(Outgoing(learner.identity, announce(0), msg_id))
-        self.counters["updates_started"] += 1
-        if members:
-            self.update = PendingUpdate(version=version, epoch=self.epoch.number,
-                                        awaiting={p.peer_id for p in members},
-                                        deadline=self.clock() + self.cfg.update_timeout_s)
-        else:
-            self.log.info("weights published with no actors", version=version)
-
-    def _reform(self, out: list[Outgoing], missing: set[str], reason: str) -> None:
-        """Drop `missing` from the update in flight and send the same version to a new epoch."""
-        upd = self.update
-        assert upd is not None
-        self.counters["updates_reformed"] += 1
-        for peer_id in missing:
-            info = self.peers.get(peer_id)
-            if info is not None and info.alive:
-                # Alive but failed: keep it out until it registers again (a fresh Hello).
-                self.excluded.add(peer_id)
-        self.log.warning("re-forming weight group", reason=reason, version=upd.version, epoch=upd.epoch,
-                         missing=sorted(missing))
-        self.update = None
-        learner = self._learner_alive()
-        if learner is not None:
-            self._start_update(out, learner, upd.version, None)
+    def _on_commit(self, peer: Peer, msg_id: str, commit: Commit, out: list[Outgoing]) -> None:
+        if not self._learner_rank0(peer, msg_id, out, "commit"):
+            return
+        consumed = self.ledger.commit(peer.session, commit.version)
+        self.committed_version = max(self.committed_version, commit.version)
+        self._save_meta()
+        self.log.info("checkpoint committed", version=commit.version, consumed=consumed,
+                      leased_left=self.ledger.leased)
+        out.append(Outgoing(peer.identity, CommitAck(version=commit.version, consumed=consumed), msg_id))
 
 
 def _msg_id_of(data: bytes) -> str:

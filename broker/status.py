@@ -7,23 +7,26 @@ import sys
 import time
 
 from tether.common.config import load_config_or_exit
-from tether.common.messages import Status
-from tether.common.peer import BrokerClient, BrokerError
+from tether.common.messages import Status, StatusRequest
+from tether.common.peer import BrokerConnection, BrokerError
 
 
 def render(status: Status) -> str:
     """The Status as a plain-text table."""
     lines = [
-        f"latest version {status.latest_version}   epoch {status.epoch}   buffer {status.buffer_depth}   "
-        f"rollouts/s {status.rollouts_per_second:.1f}   stored {status.stored_total}   "
-        f"dropped stale {status.dropped_stale_total}",
+        f"latest version {status.latest_version}   lineage {status.lineage or '-'}   epoch {status.epoch}   "
+        f"committed {status.committed_version}   update {'in flight' if status.update_in_flight else 'idle'}",
+        f"buffer {status.buffer_depth}   leased {status.leased}   granted groups {status.granted_groups}   "
+        f"rollouts/s {status.rollouts_per_second:.1f}",
+        f"books: stored {status.stored_total} = consumed {status.consumed_total} + dropped stale "
+        f"{status.dropped_stale_total} + buffered {status.buffer_depth} + leased {status.leased}",
         "",
-        f"{'peer':<28} {'role':<8} {'alive':<6} {'version':>7} {'lag':>5} {'seen (s)':>9}",
+        f"{'peer':<28} {'role':<8} {'alive':<6} {'ready':<6} {'version':>7} {'lag':>5} {'seen (s)':>9}",
     ]
     for p in status.peers:
         lines.append(
-            f"{p.peer_id[:28]:<28} {p.role:<8} {'yes' if p.alive else 'DEAD':<6} {p.loaded_version:>7} "
-            f"{p.lag:>5} {p.seconds_since_seen:>9.1f}"
+            f"{p.peer_id[:28]:<28} {p.role:<8} {'yes' if p.alive else 'DEAD':<6} {'yes' if p.ready else 'no':<6} "
+            f"{p.loaded_version:>7} {p.lag:>5} {p.seconds_since_seen:>9.1f}"
         )
     if not status.peers:
         lines.append("(no peers)")
@@ -39,10 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. broker.port=5556")
     args = parser.parse_args(argv)
     cfg = load_config_or_exit(parser, args.config, args.overrides)
-    with BrokerClient.from_config(cfg.broker, peer_id=f"status-{time.time_ns()}", role="tool") as client:
+    with BrokerConnection.from_config(cfg.broker, peer_id=f"status-{time.time_ns()}", role="tool") as client:
         while True:
             try:
-                text = render(client.status(timeout=args.timeout))
+                text = render(client.request(StatusRequest(), timeout=args.timeout))
             except BrokerError as exc:
                 print(f"broker at {cfg.broker.host}:{cfg.broker.port}: {exc}", file=sys.stderr)
                 return 1

@@ -3,13 +3,15 @@
 Every ZeroMQ message is one `tether.common.wire.Envelope` whose body is one of the records below,
 encoded as msgpack by msgspec. Decoding is typed: msgspec checks every field's type, and each
 record's `__post_init__` checks the rules a type cannot express (lengths agree, versions never
-decrease, ...). The record's `KIND` names it on the wire.
+decrease, ...). The record's `KIND` names it on the wire; one record type has one meaning.
 
 Wire format of a record body: a msgpack map from field name to value, unknown fields refused.
 Numeric arrays travel as `Array`: a map {dtype, shape, data} where data is the raw little-endian
 bytes of a C-contiguous array (numpy dtype strings such as "<i4", "<f4").
 
-Bump `SCHEMA_VERSION` on any change a peer of the previous version would misread.
+docs/wire-protocol.md lists every record below with its fields, types and rules; it is generated
+from this module (`python -m tether.common.wire_reference`), so the docstrings here are the
+specification. Bump `SCHEMA_VERSION` on any change a peer of the previous version would misread.
 """
 
 from __future__ import annotations
@@ -20,20 +22,24 @@ from typing import ClassVar, Literal
 import msgspec
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Bounds that keep a hostile or broken peer from making a decoder allocate without limit.
 MAX_ARRAY_DIMS = 4
 MAX_ARRAY_BYTES = 256 * 1024 * 1024
 MAX_TOKENS_PER_SEQUENCE = 1 << 20
 MAX_ID_LENGTH = 256
+MAX_GROUP_SIZE = 1 << 16
+MAX_LIST_ITEMS = 1 << 16
+MAX_VERSION = (1 << 31) - 1
 
 ALLOWED_ARRAY_DTYPES = frozenset({"<i4", "<i8", "<f4", "<f8", "|u1", "|b1"})
 
-Role = Literal["actor", "learner", "broker", "tool"]
+Role = Literal["actor", "learner", "tool"]
 FinishReason = Literal["stop", "length", "abort"]
 ErrorCode = Literal[
-    "malformed", "unknown_kind", "schema_mismatch", "too_large", "rejected", "not_registered", "internal"
+    "malformed", "unknown_kind", "schema_mismatch", "too_large", "rejected", "forbidden", "not_registered",
+    "internal",
 ]
 
 
@@ -55,8 +61,22 @@ def _check_finite(name: str, value: float) -> None:
         raise ValueError(f"{name} must be finite, got {value}")
 
 
+def _check_range(name: str, value: int, low: int, high: int = MAX_VERSION) -> None:
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+
+
+def _check_list(name: str, values: list) -> None:
+    if len(values) > MAX_LIST_ITEMS:
+        raise ValueError(f"{name} has {len(values)} items, at most {MAX_LIST_ITEMS} allowed")
+
+
 class Array(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
-    """An n-dimensional numeric array as raw little-endian bytes with dtype and shape."""
+    """An n-dimensional numeric array as raw little-endian bytes with dtype and shape.
+
+    Rules: dtype is one of "<i4", "<i8", "<f4", "<f8", "|u1", "|b1"; at most 4 dimensions, none
+    negative; at most 256 MiB; `len(data)` equals the product of the shape times the item size.
+    """
 
     dtype: str
     shape: tuple[int, ...]
@@ -104,15 +124,23 @@ def _check_vector(name: str, array: Array, dtype: str) -> int:
     return array.shape[0]
 
 
+# ------------------------------------------------------------------------------------ rollouts
+
+
 class SamplingSpec(Record):
-    """The sampling parameters a completion was generated with; the learner replays them."""
+    """The sampling parameters a completion was generated with; the learner replays them.
+
+    Rules: temperature finite and > 0; top_k >= 0; top_p in (0, 1]; max_tokens >= 1.
+    """
 
     temperature: float
     max_tokens: int
     top_k: int = 0
     """0 disables top-k."""
     top_p: float = 1.0
+    """1 disables top-p."""
     seed: int | None = None
+    """The per-request sampling seed (reproducibility only)."""
 
     def __post_init__(self) -> None:
         _check_finite("temperature", self.temperature)
@@ -126,78 +154,57 @@ class SamplingSpec(Record):
             raise ValueError("max_tokens must be >= 1")
 
 
-class Hello(Record):
-    """First message of every peer: who it is. The broker answers with Status."""
-
-    KIND: ClassVar[str] = "hello"
-    peer_id: str
-    role: Role
-    worker_count: int = 1
-    """Number of weight-group ranks this peer contributes (vLLM workers for an actor)."""
-    host: str = ""
-    pid: int = 0
-    loaded_version: int = -1
-    """Weight version the peer holds now; -1 when it holds none from the learner yet."""
-
-    def __post_init__(self) -> None:
-        _check_id("peer_id", self.peer_id)
-        if self.worker_count < 0:
-            raise ValueError("worker_count must be >= 0")
-        if self.loaded_version < -1:
-            raise ValueError("loaded_version must be >= -1")
-
-
-class Heartbeat(Record):
-    """Periodic liveness signal with a little state for the version book."""
-
-    KIND: ClassVar[str] = "heartbeat"
-    peer_id: str
-    seq: int
-    loaded_version: int = -1
-    unacked_rollouts: int = 0
-    requests_in_flight: int = 0
-
-    def __post_init__(self) -> None:
-        _check_id("peer_id", self.peer_id)
-        if self.seq < 0 or self.unacked_rollouts < 0 or self.requests_in_flight < 0:
-            raise ValueError("seq, unacked_rollouts and requests_in_flight must be >= 0")
-
-
 class Rollout(Record):
     """One completion of one prompt, with everything the learner needs to train on it.
 
     `logprobs[i]` is the processed logprob (after temperature, top-k, top-p) of
     `completion_token_ids[i]` under the weights of version `versions[i]`.
+
+    Rules checked by the decoder: ids non-empty, at most 256 characters; 1 <= group_size <= 65536;
+    token arrays are 1-D "<i4" with non-negative ids, logprobs and versions 1-D "<f4"/"<i4" of the
+    completion's length; logprobs finite and <= 0; versions >= 0 and never decreasing; reward
+    finite. Rules the broker checks against the run (docs/wire-protocol.md, "Validation"):
+    actor_id equals the sender, group_size equals actor.sampling.group_size, completion length <=
+    actor.sampling.max_tokens, token ids below the model's vocabulary size, versions <= the
+    latest published version.
     """
 
-    KIND: ClassVar[str] = "rollout"
     rollout_id: str
     """Globally unique; the broker de-duplicates by it."""
     group_id: str
     """Completions of the same prompt share it; advantages are normalised within a group."""
     group_size: int
+    """Completions in the group; a group is served to a learner only once all of them arrived."""
     actor_id: str
+    """The actor that generated it (must equal the envelope's sender)."""
     task: str
+    """Name of the task that scored it."""
     prompt_token_ids: Array
     completion_token_ids: Array
     logprobs: Array
+    """Processed logprob of each completion token ("<f4")."""
     versions: Array
+    """Weight version that sampled each completion token ("<i4")."""
     reward: float
     sampling: SamplingSpec
     finish_reason: FinishReason
     created_at: float = 0.0
+    """Unix time the completion finished (information only)."""
 
     def __post_init__(self) -> None:
         for name in ("rollout_id", "group_id", "actor_id", "task"):
             _check_id(name, getattr(self, name))
-        if self.group_size < 1:
-            raise ValueError("group_size must be >= 1")
+        _check_range("group_size", self.group_size, 1, MAX_GROUP_SIZE)
         _check_vector("prompt_token_ids", self.prompt_token_ids, "<i4")
         n = _check_vector("completion_token_ids", self.completion_token_ids, "<i4")
         if _check_vector("logprobs", self.logprobs, "<f4") != n:
             raise ValueError(f"logprobs has {self.logprobs.shape[0]} entries, completion has {n}")
         if _check_vector("versions", self.versions, "<i4") != n:
             raise ValueError(f"versions has {self.versions.shape[0]} entries, completion has {n}")
+        for name in ("prompt_token_ids", "completion_token_ids"):
+            ids = getattr(self, name).numpy()
+            if ids.size and int(ids.min()) < 0:
+                raise ValueError(f"{name} holds a negative token id")
         _check_finite("reward", self.reward)
         logprobs = self.logprobs.numpy()
         if not np.all(np.isfinite(logprobs)) or np.any(logprobs > 1e-4):
@@ -215,50 +222,17 @@ class Rollout(Record):
         """Version of the oldest weights that produced a token (-1 for an empty completion)."""
         return int(self.versions.numpy()[0]) if self.num_completion_tokens else -1
 
-
-class RolloutBatch(Record):
-    """Rollouts sent in one message: actor to broker, or broker to a learner rank."""
-
-    KIND: ClassVar[str] = "rollout_batch"
-    rollouts: list[Rollout]
-    dropped_stale: int = 0
-    """Rollouts the broker dropped for exceeding max_lag since the previous batch to this peer."""
-
-    def __post_init__(self) -> None:
-        if self.dropped_stale < 0:
-            raise ValueError("dropped_stale must be >= 0")
-
-
-class Ack(Record):
-    """The broker stored (or already had) these rollouts; the actor may forget them."""
-
-    KIND: ClassVar[str] = "ack"
-    rollout_ids: list[str]
-    duplicates: int = 0
-    quota_version: int = -1
-    """weights.mode=stop_the_world only: the weight version whose rollout quota `quota_left` counts
-    (the broker's latest version); -1 in the in-flight mode, where there is no quota."""
-    quota_left: int = -1
-    """Rollouts (in whole groups) the broker still accepts at `quota_version`; 0 means full: do not
-    start groups until a newer version is loaded. -1: no quota."""
-
-
-class BatchRequest(Record):
-    """A learner rank asks for its share of the next batch."""
-
-    KIND: ClassVar[str] = "batch_request"
-    rank: int
-    size: int
-    learner_version: int
-    max_lag: int
-
-    def __post_init__(self) -> None:
-        if self.rank < 0 or self.size < 1 or self.learner_version < 0 or self.max_lag < 0:
-            raise ValueError("rank, learner_version and max_lag must be >= 0 and size >= 1")
+    @property
+    def max_version(self) -> int:
+        """Version of the newest weights that produced a token (-1 for an empty completion)."""
+        return int(self.versions.numpy()[-1]) if self.num_completion_tokens else -1
 
 
 class TensorSpec(Record):
-    """Name, shape and torch dtype name (e.g. "float32", "bfloat16") of one broadcast tensor."""
+    """Name, shape and torch dtype name (e.g. "float32", "bfloat16") of one broadcast tensor.
+
+    Rules: name non-empty, shape non-negative.
+    """
 
     name: str
     shape: tuple[int, ...]
@@ -269,72 +243,134 @@ class TensorSpec(Record):
             raise ValueError("tensor name must be non-empty and shape non-negative")
 
 
-class WeightsAnnounce(Record):
-    """Version `version` is about to be broadcast over the weight group of epoch `epoch`.
+# ------------------------------------------------------------------------------------ any peer
 
-    Tensors are sent in `tensors` order, packed into buckets of at most `bucket_bytes`.
+
+class Hello(Record):
+    """First message of every peer (and again after the broker forgets it): who it is.
+
+    The broker answers with Welcome, or Error `forbidden` (role not allowed for the sender's
+    CURVE key), `rejected` (max_peers reached) or `malformed` (peer_id differs from the sender).
+    Rules: peer_id equals the envelope's sender; incarnation non-empty; worker_count >= 0;
+    loaded_version >= 0; committed_version >= -1.
     """
 
-    KIND: ClassVar[str] = "weights_announce"
-    version: int
-    epoch: int
-    tensors: list[TensorSpec]
-    bucket_bytes: int
-    group_host: str = ""
-    group_port: int = 0
-    group_world_size: int = 0
-    first_rank: int = 0
-    """The first weight-group rank of the receiving peer (its workers take consecutive ranks)."""
+    KIND: ClassVar[str] = "hello"
+    peer_id: str
+    role: Role
+    incarnation: str
+    """Random id of this process start. A new incarnation of a known peer id is a restart: an actor
+    forces a new weight-group epoch; a learner opens a new training session (see `session`)."""
+    rank: int = 0
+    """Learner: the torchrun rank. Others: 0."""
+    session: str = ""
+    """Learner: id of the training session, shared by all ranks of one torchrun launch. A new
+    session forks the version lineage at `loaded_version` and takes back leases of old sessions."""
+    worker_count: int = 1
+    """Actor: weight-group ranks it contributes (its vLLM workers)."""
+    host: str = ""
+    pid: int = 0
+    loaded_version: int = 0
+    """Actor: version its engine holds (0 = the model on disk). Learner: its current version."""
+    loaded_lineage: str = ""
+    """Actor: lineage (learner session) of `loaded_version`, from the WeightUpdate that loaded it;
+    empty for the model on disk."""
+    committed_version: int = -1
+    """Learner: version of the checkpoint it resumed from or last saved (-1: none)."""
 
     def __post_init__(self) -> None:
-        if self.version < 0 or self.epoch < 0 or self.bucket_bytes < 1:
-            raise ValueError("version and epoch must be >= 0 and bucket_bytes >= 1")
+        _check_id("peer_id", self.peer_id)
+        _check_id("incarnation", self.incarnation)
+        _check_id("session", self.session, allow_empty=True)
+        _check_id("loaded_lineage", self.loaded_lineage, allow_empty=True)
+        _check_id("host", self.host, allow_empty=True)
+        _check_range("rank", self.rank, 0)
+        _check_range("worker_count", self.worker_count, 0, 1 << 16)
+        _check_range("loaded_version", self.loaded_version, 0)
+        _check_range("committed_version", self.committed_version, -1)
 
 
-class VersionAck(Record):
-    """An actor loaded (or failed to load) a broadcast version."""
+class Welcome(Record):
+    """The broker registered the peer (reply to Hello)."""
 
-    KIND: ClassVar[str] = "version_ack"
-    peer_id: str
-    version: int
-    epoch: int
-    ok: bool = True
-    pause_seconds: float = 0.0
-    error: str = ""
+    KIND: ClassVar[str] = "welcome"
+    broker_incarnation: str
+    """Random id of the broker process; changes when the broker restarts."""
+    latest_version: int
+    """Newest version the learner published (the version book)."""
+    lineage: str
+    """Current version lineage (learner session id; empty before any learner registered)."""
+    ready: bool
+    """Actor: its rollouts are accepted now (it holds a version of the current lineage)."""
+
+
+class Heartbeat(Record):
+    """Periodic liveness signal; a peer silent for broker.peer_timeout_s is declared dead.
+
+    No reply, or Error `not_registered` when the broker does not know the peer (send Hello again).
+    """
+
+    KIND: ClassVar[str] = "heartbeat"
+    seq: int
+
+    def __post_init__(self) -> None:
+        _check_range("seq", self.seq, 0, (1 << 63) - 1)
 
 
 class StatusRequest(Record):
-    """Ask the broker for a Status."""
+    """Ask the broker for a Status (needs no Hello)."""
 
     KIND: ClassVar[str] = "status_request"
 
 
 class PeerStatus(Record):
+    """One peer in Status."""
+
     peer_id: str
     role: Role
     alive: bool
     loaded_version: int
+    """Actors: version held (-1 when it holds none of the current lineage). Learner ranks: their
+    current version."""
     lag: int
+    """Actors: latest_version - loaded_version (0 for others)."""
+    ready: bool
+    """Actors: rollouts accepted now."""
     seconds_since_seen: float
 
 
 class Status(Record):
-    """The broker's view of the system: peers, versions, buffer."""
+    """The broker's view of the system: peers, versions, the rollout ledger.
+
+    The books balance at all times and across broker restarts (counters are journaled):
+    stored_total == consumed_total + dropped_stale_total + buffer_depth + leased.
+    """
 
     KIND: ClassVar[str] = "status"
+    broker_incarnation: str
     peers: list[PeerStatus]
     latest_version: int
+    lineage: str
     epoch: int
+    """Weight-group epoch of the newest update."""
+    committed_version: int
+    """Newest checkpoint version the learner committed (-1: none)."""
     buffer_depth: int
+    """Rollouts stored and not yet handed to a learner."""
+    leased: int
+    """Rollouts handed to learner ranks and not yet committed with a checkpoint."""
     rollouts_per_second: float
-    stored_total: int = 0
-    dropped_stale_total: int = 0
-    consumed_total: int = 0
-    """Rollouts served to learner ranks. Every stored rollout is consumed, dropped stale or buffered:
-    stored_total == consumed_total + dropped_stale_total + buffer_depth."""
-    quota_version: int = -1
-    """As in Ack (stop_the_world only): the version the quota counts, and what it still accepts."""
-    quota_left: int = -1
+    """Stored rollouts per second over the last 10 s."""
+    stored_total: int
+    """Rollouts acked to actors (first arrival of each id)."""
+    consumed_total: int
+    """Rollouts committed: trained on by a checkpointed learner version."""
+    dropped_stale_total: int
+    """Rollouts dropped: older than max_lag when served, stale on arrival (stop_the_world),
+    generated by an abandoned lineage, or incomplete groups of a dead actor."""
+    granted_groups: int
+    """Groups actors may still start (generation grants not yet delivered)."""
+    update_in_flight: bool
 
 
 class Error(Record):
@@ -346,11 +382,237 @@ class Error(Record):
     ref_msg_id: str = ""
 
 
+# ------------------------------------------------------------------------------------ actors
+
+
+class SubmitRollouts(Record):
+    """Actor -> broker: store these rollouts. Reply: Ack (always exactly one).
+
+    Rules: at most 65536 rollouts (and broker.max_message_bytes). Each rollout is validated on its
+    own; a bad one is named in Ack.invalid and never affects the others.
+    """
+
+    KIND: ClassVar[str] = "submit_rollouts"
+    rollouts: list[Rollout]
+
+    def __post_init__(self) -> None:
+        _check_list("rollouts", self.rollouts)
+
+
+class RolloutRejection(Record):
+    """One rollout the broker will never accept, and why."""
+
+    rollout_id: str
+    reason: str
+
+
+class Ack(Record):
+    """Broker -> actor: the fate of every rollout of one SubmitRollouts.
+
+    Each submitted id appears in exactly one of `acked`, `retry` or `invalid`.
+    """
+
+    KIND: ClassVar[str] = "ack"
+    acked: list[str]
+    """Stored now, already held, or dropped as stale on arrival: the actor may forget them."""
+    duplicates: int = 0
+    """How many of `acked` the broker already had."""
+    dropped_stale: int = 0
+    """How many of `acked` were dropped as stale on arrival (counted in Status)."""
+    retry: list[str] = []
+    """Not accepted now (buffer full, or the actor does not hold the current weights): keep them
+    and send them again later."""
+    retry_reason: str = ""
+    invalid: list[RolloutRejection] = []
+    """Never acceptable (they break a validation rule): forget them and report the reason."""
+
+
+class GenerationRequest(Record):
+    """Actor -> broker: may I start `groups` more groups? Parked until at least one can be granted.
+
+    Admission by version: a group is granted only if its rollouts can reach the learner within
+    learner.max_lag (see docs/wire-protocol.md, "Admission"). A newer request from the same actor
+    replaces its parked one. Rules: 1 <= groups <= 65536.
+    """
+
+    KIND: ClassVar[str] = "generation_request"
+    seq: int
+    groups: int
+
+    def __post_init__(self) -> None:
+        _check_range("groups", self.groups, 1, MAX_LIST_ITEMS)
+        _check_range("seq", self.seq, 0, (1 << 63) - 1)
+
+
+class GenerationGrant(Record):
+    """Broker -> actor (reply to GenerationRequest): start this many groups now."""
+
+    KIND: ClassVar[str] = "generation_grant"
+    seq: int
+    groups: int
+    version: int
+    """The version the grant was computed for (the actor's loaded version)."""
+
+
+# ------------------------------------------------------------------------------------ learner
+
+
+class BatchRequest(Record):
+    """Learner rank -> broker: lease `size` rollouts (whole groups) for the step at `learner_version`.
+
+    Parked until enough complete, fresh groups are buffered. Re-sending the same (rank, seq) after a
+    lost reply or a broker restart is answered with the same lease. Only learner peers may ask.
+    Rules: size >= 1 and at most broker.buffer_capacity; learner_version within
+    [latest_version, latest_version + learner.publish_interval] of the broker's version book.
+    """
+
+    KIND: ClassVar[str] = "batch_request"
+    rank: int
+    seq: int
+    """Per rank and session, increasing: a new seq asks for a new lease."""
+    size: int
+    learner_version: int
+    """The learner's version: the batch trains the step from this version to the next."""
+    max_lag: int
+
+    def __post_init__(self) -> None:
+        _check_range("rank", self.rank, 0)
+        _check_range("seq", self.seq, 0, (1 << 63) - 1)
+        _check_range("size", self.size, 1, 1 << 24)
+        _check_range("learner_version", self.learner_version, 0)
+        _check_range("max_lag", self.max_lag, 0)
+
+
+class RolloutBatch(Record):
+    """Broker -> learner rank (reply to BatchRequest): a lease of whole groups.
+
+    The rollouts stay leased to the learner's session until it commits a checkpoint at a version
+    above `learner_version` (then they count as consumed) or a new session takes them back.
+    """
+
+    KIND: ClassVar[str] = "rollout_batch"
+    seq: int
+    learner_version: int
+    rollouts: list[Rollout]
+    dropped_stale: int = 0
+    """Rollouts the broker dropped as stale since the previous batch it served (to any rank)."""
+
+
+class PublishRequest(Record):
+    """Learner rank 0 -> broker: the learner holds `version` and can broadcast it now.
+
+    Reply: WeightUpdate (broadcast now, as group rank 0) or PublishDeferred. Rules: only learner
+    rank 0 of the current session; version >= latest_version; at least one tensor;
+    bucket_bytes >= 1.
+    """
+
+    KIND: ClassVar[str] = "publish_request"
+    version: int
+    tensors: list[TensorSpec]
+    bucket_bytes: int
+
+    def __post_init__(self) -> None:
+        _check_range("version", self.version, 0)
+        if not self.tensors:
+            raise ValueError("tensors must not be empty")
+        _check_list("tensors", self.tensors)
+        _check_range("bucket_bytes", self.bucket_bytes, 1, 1 << 40)
+
+
+class PublishDeferred(Record):
+    """Broker -> learner rank 0 (reply to PublishRequest): no broadcast now.
+
+    The version is recorded as published. When actors need weights later (an update finished, an
+    actor joined or came back), the broker sends PublishWanted.
+    """
+
+    KIND: ClassVar[str] = "publish_deferred"
+    version: int
+    reason: str
+
+
+class PublishWanted(Record):
+    """Broker -> learner rank 0: actors need weights; send PublishRequest for your current version
+    as soon as you can (between steps, or while waiting for a batch)."""
+
+    KIND: ClassVar[str] = "publish_wanted"
+    latest_version: int
+    reason: str
+
+
+class WeightUpdate(Record):
+    """Broker -> every member of a weight-group epoch: transfer `version` now.
+
+    The learner (group rank 0) gets it as the reply to its PublishRequest and broadcasts; each
+    actor worker receives as rank first_rank + its worker rank. Members join the group by
+    rendezvous on the TCPStore at group_host:group_port under the key prefix `group_key`, which
+    names this epoch and carries a random secret (only members learn it). Every member answers
+    with UpdateReport.
+    """
+
+    KIND: ClassVar[str] = "weight_update"
+    version: int
+    lineage: str
+    """Lineage (learner session) the version belongs to."""
+    epoch: int
+    group_key: str
+    group_host: str
+    group_port: int
+    world_size: int
+    first_rank: int
+    tensors: list[TensorSpec]
+    bucket_bytes: int
+    discard_above: int = -1
+    """Actors: tokens generated with a version above this belong to an abandoned lineage (the
+    learner resumed from an older checkpoint): discard unsent rollouts and running groups that
+    hold one. -1: nothing to discard."""
+
+
+class UpdateReport(Record):
+    """Member -> broker: the outcome of one WeightUpdate (actors: loaded; learner: broadcast)."""
+
+    KIND: ClassVar[str] = "update_report"
+    version: int
+    epoch: int
+    ok: bool = True
+    seconds: float = 0.0
+    """Actors: the generation pause; learner: gather plus broadcast."""
+    error: str = ""
+
+    def __post_init__(self) -> None:
+        _check_finite("seconds", self.seconds)
+
+
+class Commit(Record):
+    """Learner rank 0 -> broker: the checkpoint at `version` is complete.
+
+    Every rollout leased to this session for a step below `version` becomes consumed. Reply:
+    CommitAck. Idempotent; only learner rank 0 of the current session.
+    """
+
+    KIND: ClassVar[str] = "commit"
+    version: int
+
+    def __post_init__(self) -> None:
+        _check_range("version", self.version, 0)
+
+
+class CommitAck(Record):
+    """Broker -> learner rank 0 (reply to Commit)."""
+
+    KIND: ClassVar[str] = "commit_ack"
+    version: int
+    consumed: int
+    """Rollouts this commit turned from leased into consumed."""
+
+
 BODY_TYPES: dict[str, type[Record]] = {
     cls.KIND: cls
     for cls in (
-        Hello, Heartbeat, Rollout, RolloutBatch, Ack, BatchRequest, WeightsAnnounce,
-        VersionAck, StatusRequest, Status, Error,
+        Hello, Welcome, Heartbeat, StatusRequest, Status, Error,
+        SubmitRollouts, Ack, GenerationRequest, GenerationGrant,
+        BatchRequest, RolloutBatch, PublishRequest, PublishDeferred, PublishWanted,
+        WeightUpdate, UpdateReport, Commit, CommitAck,
     )
 }
 """Every record that can be the body of an Envelope, by kind."""

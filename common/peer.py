@@ -1,54 +1,41 @@
-"""`BrokerClient`: how actors, learner ranks and tools talk to the broker.
+"""`BrokerConnection`: one peer's line to the broker (registration, liveness, request/reply).
 
-One client owns one `ClientTransport`. All socket use happens under the client's lock, by whichever
-thread holds it, so the client is safe to share between threads:
+Every daemon talks to the broker through one connection; what it says is role-specific and lives
+with the role: `tether.actor.broker_link.ActorLink`, `tether.learner.broker_link.LearnerLink`.
+Tools (`tether status`) need only `request(StatusRequest())`, which needs no registration.
 
-- Call-driven: every public method pumps incoming messages and does the housekeeping that is due
-  (heartbeat, resends, re-registration); `poll(timeout)` does only that.
-- Background: `start()` runs a daemon thread that pumps every few milliseconds (mostly asleep in
-  libzmq's poll, so it costs next to nothing on a 2-core machine); incoming WeightsAnnounce records
-  then wait in `next_weights_announce()` even while the caller is busy.
+- Registration: `register()` sends Hello (built fresh by the role each time, so it carries the
+  current versions) and waits for Welcome, retrying until the broker answers. Whenever the broker
+  answers `not_registered` (it restarted, or declared this peer dead), the connection registers
+  again at once and, once welcomed, calls every `on_registered` callback so the role re-sends what
+  the broker may have lost (unacked rollouts, parked requests).
+- Liveness: a Heartbeat every `heartbeat_interval_s` while registered.
+- Replies: a message whose envelope `msg_id` answers a `request()` goes to that caller; every other
+  message goes to the handler registered for its record type with `on(type, handler)`.
 
-Rollouts are delivered at least once: each is kept until the broker acks it, resent after
-`resend_interval_s`, resent at once after re-registering (a broker restart answers "not_registered"),
-and refused locally beyond `max_unacked` (`Backpressure`), so the actor applies backpressure instead
-of growing memory. The broker de-duplicates by rollout id.
+All socket use happens under one lock, by whichever thread holds it, so a connection is safe to
+share between threads. `start()` runs a background thread that pumps every few milliseconds
+(mostly asleep in libzmq's poll), so handlers run and heartbeats flow even while the caller is busy.
 """
 
 from __future__ import annotations
 
-import os
-import queue
-import socket
 import threading
 import time
-from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable
+import uuid
+from collections.abc import Callable
 
 from tether.common import wire
 from tether.common.config.broker import BrokerConfig
 from tether.common.errors import TetherError, WireDecodeError
-from tether.common.messages import (
-    Ack,
-    BatchRequest,
-    Error,
-    Heartbeat,
-    Hello,
-    Record,
-    Rollout,
-    RolloutBatch,
-    Status,
-    StatusRequest,
-    TensorSpec,
-    VersionAck,
-    WeightsAnnounce,
-)
+from tether.common.logging import get_logger
+from tether.common.messages import Error, Heartbeat, Hello, Record, Welcome
 from tether.common.transport import ClientTransport, ZmqClientTransport, load_client_keys
+
+log = get_logger(__name__)
 
 # Longest a pump holds the lock waiting on the socket, so other threads get their turn quickly.
 _PUMP_SLICE_S = 0.02
-# Rollouts resent per housekeeping pass, so a long outage does not turn into one giant burst.
-_RESEND_BURST = 4
 
 
 class BrokerError(TetherError):
@@ -59,14 +46,12 @@ class BrokerError(TetherError):
         self.code = code
 
 
-class Backpressure(BrokerError):
-    """Too many rollouts are unacked; wait (`wait_for_capacity`) before sending more."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__("backpressure", message)
+def new_incarnation() -> str:
+    """A random id for one process start (Hello.incarnation)."""
+    return uuid.uuid4().hex[:16]
 
 
-class BrokerClient:
+class BrokerConnection:
     """A peer's connection to the broker (see module docstring)."""
 
     def __init__(
@@ -74,101 +59,174 @@ class BrokerClient:
         transport: ClientTransport,
         *,
         peer_id: str,
-        role: str,
-        worker_count: int = 1,
+        make_hello: Callable[[], Hello] | None = None,
         heartbeat_interval_s: float = 1.0,
-        resend_interval_s: float = 2.0,
-        max_unacked: int = 1024,
-        max_batch_rollouts: int = 32,
         max_message_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.transport = transport
         self.peer_id = peer_id
-        self.role = role
-        self.worker_count = worker_count
+        self.make_hello = make_hello
         self.heartbeat_interval_s = heartbeat_interval_s
-        self.resend_interval_s = resend_interval_s
-        self.max_unacked = max_unacked
-        self.max_batch_rollouts = max_batch_rollouts
         self.max_message_bytes = max_message_bytes
         self.clock = clock
-        self.loaded_version = -1
-        """Weight version this peer holds; reported in Hello and heartbeats. Set it after loading."""
-        self.requests_in_flight = 0
-        """Reported in heartbeats (the actor sets it)."""
-        self.errors: deque[Error] = deque(maxlen=100)
-        """Recent Error replies from the broker, newest last."""
-        self.ack_latencies: list[float] | None = None
-        """Set to a list to collect first-send-to-ack seconds per rollout (benchmarks)."""
-        self.quota: tuple[int, int] | None = None
-        """weights.mode=stop_the_world: (version, rollouts left) from the broker's newest Ack carrying a
-        quota (the highest version wins, so a late Ack for an older version never overrides it)."""
-
+        self.welcome: Welcome | None = None
+        """The broker's latest Welcome (None until registered)."""
+        self.registrations = 0
+        """How many times the broker welcomed this peer (1 + re-registrations)."""
+        self.errors: list[Error] = []
+        """Recent Error messages from the broker that answered no request, newest last."""
         self._lock = threading.RLock()
-        self._unacked: OrderedDict[str, list] = OrderedDict()  # id -> [rollout, last_sent, first_sent]
-        self.acked_total = 0
-        """Distinct rollouts the broker acknowledged (stored): the actor's side of the books."""
+        self._handlers: dict[type, Callable[[Record, str], None]] = {}
+        self._on_registered: list[Callable[[Welcome], None]] = []
+        self._on_tick: list[Callable[[float], None]] = []
         self._replies: dict[str, Record] = {}
         self._waiting: set[str] = set()
-        self._batches: deque[RolloutBatch] = deque()
-        self._announces: queue.Queue[WeightsAnnounce] = queue.Queue()
-        self._hb_seq = 0
-        self._next_heartbeat = 0.0
-        self._resend_hold_until = 0.0
         self._registered = False
         self._hello_msg_id: str | None = None
-        self._hello_sent_at = 0.0
+        self._hello_sent_at = float("-inf")
+        self._hb_seq = 0
+        self._next_heartbeat = 0.0
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._closed = False
 
     @classmethod
-    def from_config(cls, cfg: BrokerConfig, *, peer_id: str, role: str, worker_count: int = 1, **kwargs) -> BrokerClient:
-        """A client on a ZeroMQ DEALER to `cfg.host:cfg.port`, with CURVE keys when enabled."""
-        curve = load_client_keys(cfg.keys_dir, cfg.curve_client_name) if cfg.curve_enabled else None
+    def from_config(cls, cfg: BrokerConfig, *, peer_id: str, role: str, **kwargs) -> BrokerConnection:
+        """A connection over a ZeroMQ DEALER to `cfg.host:cfg.port`, with CURVE keys when enabled
+        (the client key named `cfg.curve_client_name`, or the role's)."""
+        curve = load_client_keys(cfg.keys_dir, cfg.curve_client_name or role) if cfg.curve_enabled else None
         transport = ZmqClientTransport(
             f"tcp://{cfg.host}:{cfg.port}", max_message_bytes=cfg.max_message_bytes + 65536, curve=curve
         )
         kwargs.setdefault("heartbeat_interval_s", cfg.heartbeat_interval_s)
         kwargs.setdefault("max_message_bytes", cfg.max_message_bytes)
-        return cls(transport, peer_id=peer_id, role=role, worker_count=worker_count, **kwargs)
+        return cls(transport, peer_id=peer_id, **kwargs)
+
+    # ------------------------------------------------------------------ wiring
+
+    def on(self, record_type: type[Record], handler: Callable[[Record, str], None]) -> None:
+        """Call `handler(record, msg_id)` (under the connection's lock) for unsolicited `record_type`."""
+        self._handlers[record_type] = handler
+
+    def on_registered(self, callback: Callable[[Welcome], None]) -> None:
+        """Call `callback(welcome)` (under the lock) after every successful (re-)registration."""
+        self._on_registered.append(callback)
+
+    def on_tick(self, callback: Callable[[float], None]) -> None:
+        """Call `callback(now)` (under the lock) on every pump while registered: the role's resends."""
+        self._on_tick.append(callback)
+
+    @property
+    def registered(self) -> bool:
+        return self._registered
+
+    def reregister(self) -> None:
+        """Send Hello again now (the peer's state changed in a way the broker must learn)."""
+        with self._lock:
+            self._registered = False
+            self._send_hello()
 
     # ------------------------------------------------------------------ lifecycle
 
-    def hello(self, loaded_version: int | None = None, timeout: float = 10.0) -> Status:
-        """Register with the broker and return its Status. Raises BrokerError on refusal or timeout."""
-        if loaded_version is not None:
-            self.loaded_version = loaded_version
-        with self._lock:
-            msg_id = self._send_hello()
-            self._waiting.add(msg_id)
-        reply = self._wait_reply(msg_id, timeout)
-        assert isinstance(reply, Status)
-        return reply
+    def register(self, timeout: float = 600.0) -> Welcome:
+        """Send Hello until the broker welcomes this peer; BrokerError on refusal or after `timeout`."""
+        if self.make_hello is None:
+            raise TypeError("this connection has no Hello to register with (make_hello)")
+        deadline = self.clock() + timeout
+        next_report = self.clock() + 10.0
+        while True:
+            with self._lock:
+                if self._registered and self.welcome is not None:
+                    return self.welcome
+                refusal = next((e for e in self.errors if e.ref_msg_id and e.ref_msg_id == self._hello_msg_id
+                                and e.code != "not_registered"), None)
+                if refusal is not None:
+                    raise BrokerError(refusal.code, refusal.message)
+                if self.clock() - self._hello_sent_at > 1.0:
+                    self._send_hello()
+                if self._thread is None:
+                    self._pump_locked(_PUMP_SLICE_S)
+            if self._thread is not None:
+                time.sleep(0.005)
+            now = self.clock()
+            if now >= deadline:
+                raise BrokerError("timeout", f"the broker did not welcome {self.peer_id!r} within {timeout:.0f}s")
+            if now >= next_report:
+                log.info("waiting for the broker", peer=self.peer_id)
+                next_report = now + 10.0
 
-    def start(self) -> BrokerClient:
-        """Pump in a background daemon thread (heartbeats, resends, incoming announces)."""
+    def start(self) -> BrokerConnection:
+        """Pump in a background daemon thread (heartbeats, handlers, re-registration)."""
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name=f"broker-client-{self.peer_id}", daemon=True)
+            self._thread = threading.Thread(target=self._run, name=f"broker-{self.peer_id}", daemon=True)
             self._thread.start()
         return self
 
     def close(self) -> None:
-        """Stop the background thread and close the transport (unacked rollouts are abandoned)."""
+        """Stop the background thread and close the transport."""
         self._stop.set()
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
         with self._lock:
             if not self._closed:
                 self._closed = True
                 self.transport.close()
 
-    def __enter__(self) -> BrokerClient:
+    def __enter__(self) -> BrokerConnection:
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    # ------------------------------------------------------------------ messaging
+
+    def send(self, body: Record, msg_id: str | None = None) -> str:
+        """Send `body` without waiting; returns its msg_id. A message dropped at our own high-water
+        mark is lost like one lost in transit: the role's resends and timeouts recover it."""
+        msg_id = msg_id or wire.new_msg_id()
+        with self._lock:
+            if not self._closed:
+                self.transport.send(wire.encode(body, sender=self.peer_id, msg_id=msg_id))
+        return msg_id
+
+    def request(self, body: Record, timeout: float = 10.0) -> Record:
+        """Send `body` and wait for the reply; BrokerError on an Error reply or after `timeout`."""
+        msg_id = self.expect_reply()
+        self.send(body, msg_id)
+        return self.wait_reply(msg_id, timeout)
+
+    def expect_reply(self) -> str:
+        """A msg_id whose reply will be kept for `wait_reply`/`take_reply` (reserve before sending)."""
+        msg_id = wire.new_msg_id()
+        with self._lock:
+            self._waiting.add(msg_id)
+        return msg_id
+
+    def take_reply(self, msg_id: str) -> Record | None:
+        """The reply to `msg_id` if it arrived (it is then forgotten), else None. Never raises."""
+        with self._lock:
+            reply = self._replies.pop(msg_id, None)
+            if reply is not None:
+                self._waiting.discard(msg_id)
+            return reply
+
+    def forget_reply(self, msg_id: str) -> None:
+        with self._lock:
+            self._waiting.discard(msg_id)
+            self._replies.pop(msg_id, None)
+
+    def wait_reply(self, msg_id: str, timeout: float) -> Record:
+        try:
+            if not self.wait_until(lambda: msg_id in self._replies, timeout):
+                raise BrokerError("timeout", f"no reply from the broker within {timeout:.1f}s")
+            reply = self.take_reply(msg_id)
+        finally:
+            self.forget_reply(msg_id)
+        if isinstance(reply, Error):
+            raise BrokerError(reply.code, reply.message)
+        assert reply is not None
+        return reply
 
     def poll(self, timeout: float = 0.0) -> None:
         """Handle incoming messages for up to `timeout` seconds and do due housekeeping."""
@@ -179,150 +237,8 @@ class BrokerClient:
             if self.clock() >= deadline:
                 return
 
-    # ------------------------------------------------------------------ actor side
-
-    @property
-    def unacked_count(self) -> int:
-        """Rollouts sent (or queued) and not yet acked by the broker."""
-        return len(self._unacked)
-
-    def send_rollouts(self, rollouts: Iterable[Rollout]) -> None:
-        """Send rollouts; each is kept until acked. Raises Backpressure (sending none) past max_unacked."""
-        rollouts = list(rollouts)
-        with self._lock:
-            if len(self._unacked) + len(rollouts) > self.max_unacked:
-                raise Backpressure(f"{len(self._unacked)} rollouts unacked, limit {self.max_unacked}")
-            now = self.clock()
-            for r in rollouts:
-                if r.rollout_id not in self._unacked:
-                    self._unacked[r.rollout_id] = [r, now, now]
-            if self._registered and now >= self._resend_hold_until:
-                self._send_rollout_chunks(rollouts, now)
-            self._pump_locked(0.0)
-
-    def wait_for_capacity(self, n: int = 1, timeout: float = 10.0) -> bool:
-        """Pump until `n` more rollouts fit under max_unacked; False on timeout."""
-        return self._wait_until(lambda: len(self._unacked) + n <= self.max_unacked, timeout)
-
-    def flush(self, timeout: float = 10.0) -> bool:
-        """Pump until every rollout is acked; False on timeout."""
-        return self._wait_until(lambda: not self._unacked, timeout)
-
-    def next_weights_announce(self, timeout: float = 0.0) -> WeightsAnnounce | None:
-        """The next WeightsAnnounce the broker sent (actor: load this version; learner: broadcast it)."""
-        deadline = self.clock() + timeout
-        while True:
-            try:
-                return self._announces.get_nowait()
-            except queue.Empty:
-                pass
-            remaining = deadline - self.clock()
-            if remaining <= 0:
-                return None
-            if self._thread is not None:
-                try:
-                    return self._announces.get(timeout=min(remaining, 0.05))
-                except queue.Empty:
-                    continue
-            self.poll(min(remaining, _PUMP_SLICE_S))
-
-    def send_version_ack(self, version: int, epoch: int, *, ok: bool = True, pause_seconds: float = 0.0,
-                         error: str = "") -> None:
-        """Tell the broker this peer loaded (ok) or failed to load `version` of `epoch`."""
-        with self._lock:
-            if ok:
-                self.loaded_version = max(self.loaded_version, version)
-            self._send(VersionAck(peer_id=self.peer_id, version=version, epoch=epoch, ok=ok,
-                                  pause_seconds=pause_seconds, error=error[:1000]))
-
-    # ------------------------------------------------------------------ learner side
-
-    def request_batch(self, rank: int, size: int, learner_version: int, max_lag: int,
-                      timeout: float = 30.0) -> RolloutBatch | None:
-        """Ask for `size` rollouts (whole groups) and wait; None on timeout.
-
-        The broker parks the request until enough complete groups are buffered. A batch that
-        arrives after a timeout is kept and returned by the next call, so nothing consumed is lost.
-        """
-        with self._lock:
-            if self._batches:
-                return self._batches.popleft()
-            self._send(BatchRequest(rank=rank, size=size, learner_version=learner_version, max_lag=max_lag))
-        self._wait_until(lambda: bool(self._batches), timeout)
-        with self._lock:
-            return self._batches.popleft() if self._batches else None
-
-    def announce_weights(self, version: int, tensors: list[TensorSpec], bucket_bytes: int,
-                         timeout: float = 300.0) -> WeightsAnnounce:
-        """Learner rank 0: announce `version` and wait for the broker's go (epoch, world size).
-
-        A go with group_world_size == 1 means no actor is in the epoch: skip the broadcast.
-        Later re-sends (re-formed epochs, re-publish for a joining actor) arrive via
-        `next_weights_announce`.
-        """
-        msg_id = wire.new_msg_id()
-        with self._lock:
-            self._waiting.add(msg_id)
-            self._send(WeightsAnnounce(version=version, epoch=0, tensors=tensors, bucket_bytes=bucket_bytes),
-                       msg_id=msg_id)
-        reply = self._wait_reply(msg_id, timeout)
-        assert isinstance(reply, WeightsAnnounce)
-        return reply
-
-    # ------------------------------------------------------------------ any peer
-
-    def status(self, timeout: float = 5.0) -> Status:
-        """The broker's Status (needs no Hello)."""
-        msg_id = wire.new_msg_id()
-        with self._lock:
-            self._waiting.add(msg_id)
-            self._send(StatusRequest(), msg_id=msg_id)
-        reply = self._wait_reply(msg_id, timeout)
-        assert isinstance(reply, Status)
-        return reply
-
-    # ------------------------------------------------------------------ internals
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            with self._lock:
-                if self._closed:
-                    return
-                self._pump_locked(_PUMP_SLICE_S)
-            # Leave the lock free for a moment so callers are never starved by this thread.
-            time.sleep(0.001)
-
-    def _send(self, body: Record, msg_id: str | None = None) -> str:
-        msg_id = msg_id or wire.new_msg_id()
-        if not self.transport.send(wire.encode(body, sender=self.peer_id, msg_id=msg_id)):
-            # Dropped at our own high-water mark: requests time out, rollouts are resent.
-            pass
-        return msg_id
-
-    def _send_hello(self) -> str:
-        with self._lock:
-            body = Hello(peer_id=self.peer_id, role=self.role, worker_count=self.worker_count,  # type: ignore[arg-type]
-                         host=socket.gethostname()[:200], pid=os.getpid(), loaded_version=self.loaded_version)
-            self._hello_msg_id = self._send(body)
-            self._hello_sent_at = self.clock()
-            return self._hello_msg_id
-
-    def _wait_reply(self, msg_id: str, timeout: float) -> Record:
-        # The caller put msg_id in _waiting under the same lock as the send, so no reply is missed.
-        try:
-            if not self._wait_until(lambda: msg_id in self._replies, timeout):
-                raise BrokerError("timeout", f"no reply from the broker within {timeout:.1f}s")
-            with self._lock:
-                reply = self._replies.pop(msg_id)
-        finally:
-            with self._lock:
-                self._waiting.discard(msg_id)
-                self._replies.pop(msg_id, None)
-        if isinstance(reply, Error):
-            raise BrokerError(reply.code, reply.message)
-        return reply
-
-    def _wait_until(self, condition: Callable[[], bool], timeout: float) -> bool:
+    def wait_until(self, condition: Callable[[], bool], timeout: float) -> bool:
+        """Pump (or, with the background thread, sleep) until `condition()` (checked under the lock)."""
         deadline = self.clock() + timeout
         while True:
             with self._lock:
@@ -336,14 +252,25 @@ class BrokerClient:
             if self._thread is not None:
                 time.sleep(min(0.002, max(remaining, 0)))
 
-    def _send_rollout_chunks(self, rollouts: list[Rollout], now: float) -> None:
-        for start in range(0, len(rollouts), self.max_batch_rollouts):
-            chunk = rollouts[start : start + self.max_batch_rollouts]
-            self._send(RolloutBatch(rollouts=chunk))
-            for r in chunk:
-                entry = self._unacked.get(r.rollout_id)
-                if entry is not None:
-                    entry[1] = now
+    # ------------------------------------------------------------------ internals
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                if self._closed:
+                    return
+                try:
+                    self._pump_locked(_PUMP_SLICE_S)
+                except Exception:  # a handler bug must not silently stop heartbeats
+                    log.exception("broker connection handler failed", peer=self.peer_id)
+            # Leave the lock free for a moment so callers are never starved by this thread.
+            time.sleep(0.001)
+
+    def _send_hello(self) -> None:
+        if self.make_hello is None:
+            return
+        self._hello_msg_id = self.send(self.make_hello())
+        self._hello_sent_at = self.clock()
 
     def _pump_locked(self, timeout: float) -> None:
         if self._closed:
@@ -357,63 +284,55 @@ class BrokerClient:
     def _dispatch(self, data: bytes) -> None:
         try:
             message = wire.decode(data, max_bytes=self.max_message_bytes)
-        except WireDecodeError:
-            return  # the broker never sends garbage; ignoring it is all a client can do
+        except WireDecodeError as exc:
+            log.warning("undecodable message from the broker", error=str(exc)[:200])
+            return
         body, msg_id = message.body, message.msg_id
-        if isinstance(body, Ack):
-            if body.quota_version >= 0 and (self.quota is None or body.quota_version >= self.quota[0]):
-                self.quota = (body.quota_version, body.quota_left)
-            now = self.clock()
-            for rid in body.rollout_ids:
-                entry = self._unacked.pop(rid, None)
-                if entry is not None:
-                    self.acked_total += 1
-                    if self.ack_latencies is not None:
-                        self.ack_latencies.append(now - entry[2])
-        elif isinstance(body, Error):
-            self.errors.append(body)
-            if body.code == "not_registered":
-                # The broker restarted (or declared us dead): register again, then resend everything.
+        if isinstance(body, Welcome) and msg_id == self._hello_msg_id:
+            first = self.welcome is None or self.welcome.broker_incarnation != body.broker_incarnation
+            self.welcome, self._registered = body, True
+            self._hello_msg_id = None
+            self.registrations += 1
+            if self.registrations > 1:
+                log.info("registered with the broker again", peer=self.peer_id, broker_restarted=first)
+            for callback in self._on_registered:
+                callback(body)
+            return
+        if isinstance(body, Error):
+            if body.code == "not_registered" and self.make_hello is not None:
+                # The broker restarted or declared us dead: register again now (replies it lost
+                # are re-sent by the roles' on_registered callbacks).
+                if self._registered:
+                    log.warning("the broker does not know this peer; registering again", peer=self.peer_id)
                 self._registered = False
-                if self._hello_msg_id is None or self.clock() - self._hello_sent_at > self.resend_interval_s:
+                if self.clock() - self._hello_sent_at > 0.2:
                     self._send_hello()
-            elif body.code == "rejected":
-                self._resend_hold_until = self.clock() + self.resend_interval_s
             ref = body.ref_msg_id or msg_id
             if ref in self._waiting:
                 self._replies[ref] = body
+                return
+            self.errors = (self.errors + [body])[-100:]
+            handler = self._handlers.get(Error)
+            if handler is not None:
+                handler(body, msg_id)
             return
-        elif isinstance(body, RolloutBatch):
-            self._batches.append(body)
-            return
-        elif isinstance(body, WeightsAnnounce) and msg_id not in self._waiting:
-            self._announces.put(body)
-            return
-        if isinstance(body, Status) and msg_id == self._hello_msg_id:
-            self._registered = True
-            self._hello_msg_id = None
-            self._resend_hold_until = 0.0
-            for entry in self._unacked.values():
-                entry[1] = float("-inf")  # resend everything now
         if msg_id in self._waiting:
             self._replies[msg_id] = body
+            return
+        handler = self._handlers.get(type(body))
+        if handler is not None:
+            handler(body, msg_id)
 
     def _housekeeping(self) -> None:
         now = self.clock()
         if not self._registered:
+            wants_registration = self._hello_msg_id is not None or self.registrations > 0
+            if wants_registration and now - self._hello_sent_at > max(1.0, self.heartbeat_interval_s):
+                self._send_hello()  # the Hello (or its Welcome) was lost: ask again
             return
         if now >= self._next_heartbeat:
             self._hb_seq += 1
-            self._send(Heartbeat(peer_id=self.peer_id, seq=self._hb_seq, loaded_version=self.loaded_version,
-                                 unacked_rollouts=len(self._unacked), requests_in_flight=self.requests_in_flight))
+            self.send(Heartbeat(seq=self._hb_seq))
             self._next_heartbeat = now + self.heartbeat_interval_s
-        if self._unacked and now >= self._resend_hold_until:
-            due = []
-            limit = _RESEND_BURST * self.max_batch_rollouts
-            for entry in self._unacked.values():
-                if now - entry[1] >= self.resend_interval_s:
-                    due.append(entry[0])
-                    if len(due) >= limit:
-                        break
-            if due:
-                self._send_rollout_chunks(due, now)
+        for callback in self._on_tick:
+            callback(now)

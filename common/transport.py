@@ -3,8 +3,9 @@
 The coordination code (broker state, BrokerClient) only sees these interfaces:
 
 - `ClientTransport`: one peer's connection to the broker; send bytes, receive bytes with a timeout.
-- `ServerTransport`: the broker's side; receives `(peer, bytes)` where `peer` is an opaque
-  identity of the connection, and sends bytes back to a given peer.
+- `ServerTransport`: the broker's side; receives `Received(peer, data, credential)` where `peer` is
+  an opaque identity of the connection and `credential` the CURVE public key the connection
+  authenticated with (None without CURVE), and sends bytes back to a given peer.
 
 Implementations:
 
@@ -34,6 +35,18 @@ class TransportClosed(Exception):
     """The transport was closed."""
 
 
+@dataclass(frozen=True)
+class Received:
+    """One message the broker received."""
+
+    peer: bytes
+    """Identity of the connection (where replies go)."""
+    data: bytes | None
+    """The message, or None when the peer sent something that is not exactly one frame."""
+    credential: str | None = None
+    """The Z85 CURVE public key the connection authenticated with (None without CURVE)."""
+
+
 class ClientTransport(ABC):
     """A peer's connection to the broker. Not thread-safe: use from one thread at a time."""
 
@@ -58,11 +71,8 @@ class ServerTransport(ABC):
         """Send `data` to `peer` without blocking; False if it was dropped (peer gone or queue full)."""
 
     @abstractmethod
-    def recv(self, timeout: float) -> tuple[bytes, bytes | None] | None:
-        """The next `(peer, data)`, or None after `timeout` seconds.
-
-        `data` is None when the peer sent a message that is not exactly one frame (malformed framing).
-        """
+    def recv(self, timeout: float) -> Received | None:
+        """The next message, or None after `timeout` seconds."""
 
     @abstractmethod
     def close(self) -> None:
@@ -75,11 +85,12 @@ class ServerTransport(ABC):
 
 @dataclass(frozen=True)
 class CurveServerKeys:
-    """The broker's key pair plus the directory of authorised client public keys."""
+    """The broker's key pair plus the roles each authorized client public key may take."""
 
     public: bytes
     secret: bytes
-    authorized_dir: Path
+    key_roles: dict[str, frozenset[str]]
+    """Z85 public key -> roles (actor, learner, tool) it may register as."""
 
 
 @dataclass(frozen=True)
@@ -91,8 +102,12 @@ class CurveClientKeys:
     server_public: bytes
 
 
+ROLES = ("actor", "learner", "tool")
+
+
 def load_server_keys(keys_dir: str | Path) -> CurveServerKeys:
-    """Read `<keys_dir>/server.key_secret` and use `<keys_dir>/authorized/` (layout of `tether keys`)."""
+    """Read `<keys_dir>/server.key_secret` and `<keys_dir>/authorized/<role>/*.key` (layout of
+    `tether keys`): a key in authorized/actor/ may register only as an actor, and so on."""
     import zmq.auth
 
     keys_dir = Path(keys_dir)
@@ -100,7 +115,12 @@ def load_server_keys(keys_dir: str | Path) -> CurveServerKeys:
     authorized = keys_dir / "authorized"
     if not authorized.is_dir():
         raise FileNotFoundError(f"{authorized} does not exist; create keys with `tether keys {keys_dir}`")
-    return CurveServerKeys(public=public, secret=secret, authorized_dir=authorized)
+    roles: dict[str, set[str]] = {}
+    for role in ROLES:
+        for path in sorted((authorized / role).glob("*.key")):
+            key, _ = zmq.auth.load_certificate(path)
+            roles.setdefault(key.decode("ascii"), set()).add(role)
+    return CurveServerKeys(public=public, secret=secret, key_roles={k: frozenset(v) for k, v in roles.items()})
 
 
 def load_client_keys(keys_dir: str | Path, name: str) -> CurveClientKeys:
@@ -140,7 +160,7 @@ class ZmqServerTransport(ServerTransport):
 
             self._auth = ThreadAuthenticator(self._ctx)
             self._auth.start()
-            self._auth.configure_curve(domain="*", location=str(curve.authorized_dir))
+            self._auth.configure_curve_callback(domain="*", credentials_provider=_KeyProvider(curve.key_roles))
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.SNDHWM, hwm)
@@ -169,16 +189,19 @@ class ZmqServerTransport(ServerTransport):
         except zmq.Again:
             return False
 
-    def recv(self, timeout: float) -> tuple[bytes, bytes | None] | None:
+    def recv(self, timeout: float) -> Received | None:
         if self._closed:
             raise TransportClosed("server transport is closed")
         if not self._sock.poll(max(0, int(timeout * 1000)), zmq.POLLIN):
             return None
-        frames = self._sock.recv_multipart(copy=True)
-        peer = frames[0]
+        frames = self._sock.recv_multipart(copy=False)
+        peer = frames[0].bytes
+        credential = None
+        if self._auth is not None:
+            credential = frames[-1].get("User-Id") or None
         if len(frames) != 2:
-            return peer, None
-        return peer, frames[1]
+            return Received(peer, None, credential)
+        return Received(peer, frames[1].bytes, credential)
 
     def close(self) -> None:
         if self._closed:
@@ -245,6 +268,16 @@ class ZmqClientTransport(ClientTransport):
         self._ctx.term()
 
 
+class _KeyProvider:
+    """ZAP credentials callback: admit a CURVE client whose public key holds some role."""
+
+    def __init__(self, key_roles: dict[str, frozenset[str]]) -> None:
+        self._keys = frozenset(key_roles)
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return key.decode("ascii") in self._keys
+
+
 # --------------------------------------------------------------------------------------------
 # In-process
 
@@ -257,7 +290,7 @@ class InProcHub:
 
     def __init__(self, hwm: int = DEFAULT_HWM) -> None:
         self._hwm = hwm
-        self._to_server: queue.Queue[tuple[bytes, bytes]] = queue.Queue(maxsize=hwm)
+        self._to_server: queue.Queue[Received] = queue.Queue(maxsize=hwm)
         self._to_clients: dict[bytes, queue.Queue[bytes]] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count()
@@ -265,11 +298,12 @@ class InProcHub:
     def server(self) -> InProcServerTransport:
         return InProcServerTransport(self)
 
-    def client(self) -> InProcClientTransport:
+    def client(self, credential: str | None = None) -> InProcClientTransport:
+        """A new connection; `credential` stands in for the CURVE key it authenticated with."""
         with self._lock:
             identity = f"inproc-{next(self._ids)}".encode()
             self._to_clients[identity] = queue.Queue(maxsize=self._hwm)
-        return InProcClientTransport(self, identity)
+        return InProcClientTransport(self, identity, credential)
 
     def _drop_client(self, identity: bytes) -> None:
         with self._lock:
@@ -294,7 +328,7 @@ class InProcServerTransport(ServerTransport):
         except queue.Full:
             return False
 
-    def recv(self, timeout: float) -> tuple[bytes, bytes | None] | None:
+    def recv(self, timeout: float) -> Received | None:
         if self._closed:
             raise TransportClosed("server transport is closed")
         try:
@@ -309,16 +343,17 @@ class InProcServerTransport(ServerTransport):
 
 
 class InProcClientTransport(ClientTransport):
-    def __init__(self, hub: InProcHub, identity: bytes) -> None:
+    def __init__(self, hub: InProcHub, identity: bytes, credential: str | None = None) -> None:
         self._hub = hub
         self.identity = identity
+        self.credential = credential
         self._closed = False
 
     def send(self, data: bytes) -> bool:
         if self._closed:
             raise TransportClosed("client transport is closed")
         try:
-            self._hub._to_server.put_nowait((self.identity, bytes(data)))
+            self._hub._to_server.put_nowait(Received(self.identity, bytes(data), self.credential))
             return True
         except queue.Full:
             return False

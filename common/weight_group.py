@@ -1,14 +1,22 @@
 """The weight broadcast: learner rank 0 sends named tensors to every actor worker, in buckets.
 
-A weight group is formed per epoch (the broker bumps the epoch whenever the set of receivers
+A weight group is formed per epoch (the broker opens a new epoch whenever the set of receivers
 changes) without touching torch.distributed's default process group, so a learner launched by
 torchrun and a vLLM worker (which has its own default group) can both join it:
 
 - every participant connects as a client to the broker's TCPStore (the broker is its master),
-- keys are namespaced by ``PrefixStore(f"weights/epoch-{epoch}", store)``, so a new epoch never
-  reads a stale key of an old one,
+- keys are namespaced by ``PrefixStore(group_key, store)``; the broker makes each epoch's key
+  unique (broker incarnation, epoch number) and unguessable (a random secret only members learn),
+  so a new epoch never reads a stale key of an old one and outsiders cannot join,
 - a gloo (CPU) or NCCL (CUDA) backend object is built directly on that store; it is used for
   broadcast only and never registered globally.
+
+Failure semantics are explicit on both backends: joining and every broadcast wait at most
+`timeout_s` and then raise; the caller `abort()`s the group and the broker re-forms the epoch. On
+NCCL the communicator is built with TORCH_NCCL_ASYNC_ERROR_HANDLING=2 (abort the communicator on an
+error, never tear the process down, unlike the default 3), the wait is a blocking CPU wait with the
+timeout, and `abort()` aborts the communicator, so a dead actor costs one failed update, not the
+learner process.
 
 Wire layout: tensors travel in the order of the announced specs, packed into buckets of at most
 `bucket_bytes` bytes (a single tensor larger than that gets a bucket of its own). A bucket is one
@@ -22,8 +30,9 @@ Every collective has a timeout: a dead peer makes the others fail with an error 
 from __future__ import annotations
 
 import math
+import os
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -122,7 +131,8 @@ def resolve_backend(backend: str, device: torch.device | str | None = None) -> s
 class WeightGroup:
     """One participant's membership of the weight group of one epoch. Rank 0 is the sender."""
 
-    epoch: int
+    key: str
+    """The epoch's rendezvous key (WeightUpdate.group_key)."""
     rank: int
     world_size: int
     backend: str
@@ -132,18 +142,30 @@ class WeightGroup:
     _store: object = field(repr=False)
 
     def broadcast_(self, buffer: torch.Tensor) -> None:
-        """In-place broadcast of `buffer` from rank 0, failing after `timeout_s`."""
-        work = self._pg.broadcast(buffer, 0, timedelta(seconds=self.timeout_s))
-        work.wait()
+        """In-place broadcast of `buffer` from rank 0; raises after `timeout_s` (then `abort()`)."""
+        if self._pg is None:
+            raise RuntimeError(f"weight group {self.key} was closed")
+        timeout = timedelta(seconds=self.timeout_s)
+        work = self._pg.broadcast(buffer, 0, timeout)
+        # With a timeout, wait() blocks the CPU until the collective completes or raises, on NCCL too.
+        work.wait(timeout)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # timers read after this see the transfer done
 
-    def close(self) -> None:
-        """Release the backend's sockets/communicators; the group cannot be used afterwards."""
+    def abort(self) -> None:
+        """Tear the group down after a failure (or when the epoch ends); it cannot be used again."""
         pg, self._pg = self._pg, None
-        if pg is not None and hasattr(pg, "shutdown"):
-            try:
-                pg.shutdown()
-            except Exception:  # a peer already gone: nothing left to release cleanly
-                pass
+        if pg is None:
+            return
+        for method in ("abort", "shutdown"):
+            if hasattr(pg, method):
+                try:
+                    getattr(pg, method)()
+                    return
+                except Exception:  # a peer already gone: nothing left to release cleanly
+                    continue
+
+    close = abort
 
     def __enter__(self) -> WeightGroup:
         return self
@@ -155,7 +177,7 @@ class WeightGroup:
 def join_weight_group(
     host: str,
     port: int,
-    epoch: int,
+    key: str,
     rank: int,
     world_size: int,
     backend: str = "auto",
@@ -163,7 +185,7 @@ def join_weight_group(
     timeout_s: float = 120.0,
     store: dist.Store | None = None,
 ) -> WeightGroup:
-    """Join the weight group of `epoch` through the TCPStore at host:port (the broker's).
+    """Join the weight group rendezvousing under `key` on the TCPStore at host:port (the broker's).
 
     Blocks until all `world_size` ranks have joined or `timeout_s` passes. `store` may be given
     instead of host/port (e.g. a process that already holds a client of the broker's store).
@@ -178,20 +200,40 @@ def join_weight_group(
     timeout = timedelta(seconds=timeout_s)
     if store is None:
         store = dist.TCPStore(host, port, is_master=False, timeout=timeout, wait_for_workers=False)
-    prefixed = dist.PrefixStore(f"weights/epoch-{epoch}", store)
+    prefixed = dist.PrefixStore(key, store)
     if backend == "gloo":
         pg = dist.ProcessGroupGloo(prefixed, rank, world_size, timeout)
     elif backend == "nccl":
-        options = dist.ProcessGroupNCCL.Options()
-        options._timeout = timeout
-        pg = dist.ProcessGroupNCCL(prefixed, rank, world_size, options)
+        pg = _nccl_group(prefixed, rank, world_size, timeout)
     else:
         raise ValueError(f"unsupported weight group backend {backend!r} (gloo or nccl)")
-    group = WeightGroup(epoch, rank, world_size, backend, device, timeout_s, pg, store)
+    group = WeightGroup(key, rank, world_size, backend, device, timeout_s, pg, store)
     if backend == "nccl":
         # NCCL connects lazily; a tiny broadcast now makes a join failure show up here, not mid-update.
         group.broadcast_(torch.zeros(1, dtype=torch.uint8, device=device))
     return group
+
+
+def _nccl_group(store: dist.Store, rank: int, world_size: int, timeout: timedelta):
+    """A ProcessGroupNCCL whose errors abort its communicator instead of the process.
+
+    The error-handling mode is read from the environment when the group is built; it is set for
+    this construction only, so torchrun's training group keeps whatever the user chose.
+    """
+    options = dist.ProcessGroupNCCL.Options()
+    options._timeout = timeout
+    previous = os.environ.get(_NCCL_ERROR_HANDLING)
+    os.environ[_NCCL_ERROR_HANDLING] = "2"
+    try:
+        return dist.ProcessGroupNCCL(store, rank, world_size, options)
+    finally:
+        if previous is None:
+            os.environ.pop(_NCCL_ERROR_HANDLING, None)
+        else:
+            os.environ[_NCCL_ERROR_HANDLING] = previous
+
+
+_NCCL_ERROR_HANDLING = "TORCH_NCCL_ASYNC_ERROR_HANDLING"
 
 
 @dataclass
@@ -202,10 +244,18 @@ class TransferStats:
     buckets: int = 0
     bytes: int = 0
     seconds: float = 0.0
+    fill_s: float = 0.0
+    """Sender: producing the tensors (e.g. FSDP all-gathers) and copying them into the buckets."""
+    broadcast_s: float = 0.0
+    """Sender: the broadcasts themselves."""
 
     @property
     def mb_per_s(self) -> float:
         return self.bytes / 1e6 / self.seconds if self.seconds > 0 else 0.0
+
+
+class WeightTransferError(RuntimeError):
+    """A broadcast of the weight group failed; the group is aborted."""
 
 
 def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
@@ -214,54 +264,102 @@ def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class WeightSender:
-    """Rank 0 of a weight group: broadcasts named tensors in spec order, bucketed."""
+    """Rank 0 of a weight group: packs tensors into bucket buffers and broadcasts bucket by bucket.
+
+    The buffers are allocated once per plan (per epoch, since a sender lives with its group), not
+    per update.
+    """
 
     def __init__(self, group: WeightGroup, bucket_bytes: int):
         if group.rank != 0:
             raise ValueError(f"WeightSender must be rank 0 of the weight group, got rank {group.rank}")
         self.group = group
         self.bucket_bytes = bucket_bytes
+        self._plan: list[Bucket] = []
+        self._plan_specs: list[TensorSpec] | None = None
+        self._buffers: list[torch.Tensor] = []
 
     def broadcast(self, named_tensors: Sequence[tuple[str, torch.Tensor]]) -> TransferStats:
         """Send `named_tensors` (the same order and shapes as the announced specs)."""
+        tensors = dict(named_tensors)
+        return self.send(tensor_specs(named_tensors), lambda spec: tensors[spec.name])
+
+    def send(self, specs: Sequence[TensorSpec], tensor_of: Callable[[TensorSpec], torch.Tensor]) -> TransferStats:
+        """Send the tensors `tensor_of(spec)` returns, in `specs` order, converted to each spec's dtype.
+
+        `tensor_of` is called exactly once per spec, in order, even after a broadcast failed (it may
+        be a collective of the learner ranks, which must stay in lockstep); the failure is raised as
+        WeightTransferError at the end, and the group is aborted.
+        """
         start = time.perf_counter()
-        specs = tensor_specs(named_tensors)
-        tensors = [tensor for _, tensor in named_tensors]
+        self._prepare(list(specs))
         stats = TransferStats(tensors=len(specs))
-        index = 0
-        for bucket in bucket_plan(specs, self.bucket_bytes):
-            buffer = torch.empty(bucket.nbytes, dtype=torch.uint8, device=self.group.device)
+        error: Exception | None = None
+        for bucket, buffer in zip(self._plan, self._buffers, strict=True):
+            t0 = time.perf_counter()
             for entry in bucket.entries:
-                src = _as_bytes(tensors[index]).to(self.group.device, non_blocking=True)
-                buffer[entry.offset:entry.offset + entry.nbytes].copy_(src)
-                index += 1
-            self.group.broadcast_(buffer)
+                tensor = tensor_of(entry.spec)
+                if error is None:
+                    raw = _as_bytes(tensor.to(dtype_from_name(entry.spec.dtype)))
+                    buffer[entry.offset:entry.offset + entry.nbytes].copy_(raw.to(buffer.device, non_blocking=True))
+                del tensor
+            t1 = time.perf_counter()
+            stats.fill_s += t1 - t0
+            if error is None:
+                try:
+                    self.group.broadcast_(buffer)
+                except Exception as exc:
+                    error = exc
+                    self.group.abort()
+            stats.broadcast_s += time.perf_counter() - t1
             stats.buckets += 1
             stats.bytes += bucket.nbytes
         stats.seconds = time.perf_counter() - start
+        if error is not None:
+            raise WeightTransferError(f"broadcast to weight group {self.group.key} failed: {error}") from error
         return stats
+
+    def _prepare(self, specs: list[TensorSpec]) -> None:
+        if specs != self._plan_specs:
+            self._plan = bucket_plan(specs, self.bucket_bytes)
+            self._buffers = [torch.empty(b.nbytes, dtype=torch.uint8, device=self.group.device) for b in self._plan]
+            self._plan_specs = specs
 
 
 class WeightReceiver:
-    """A rank > 0 of a weight group: receives the announced tensors as (name, tensor) pairs."""
+    """A rank > 0 of a weight group: receives the announced tensors as (name, tensor) pairs.
+
+    Bucket buffers are allocated once per plan and reused by later updates of the same group, so
+    keep one receiver per group (epoch).
+    """
 
     def __init__(self, group: WeightGroup):
         if group.rank == 0:
             raise ValueError("rank 0 is the sender of the weight group")
         self.group = group
         self.stats = TransferStats()
+        self._plan: list[Bucket] = []
+        self._plan_key: tuple | None = None
+        self._buffers: list[torch.Tensor] = []
 
     def receive(self, specs: Sequence[TensorSpec], bucket_bytes: int) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield every announced tensor, bucket by bucket, as it arrives.
 
-        The tensors are views of a fresh per-bucket buffer, so they stay valid after iteration
-        moves on. The iterator must be consumed completely: every rank takes part in every bucket.
+        The tensors are views of this receiver's bucket buffers: valid until the next `receive`.
+        The iterator must be consumed completely: every rank takes part in every bucket.
+        `stats.broadcast_s` is the time spent receiving; the rest of `stats.seconds` is the consumer's.
         """
         start = time.perf_counter()
         self.stats = TransferStats(tensors=len(specs))
-        for bucket in bucket_plan(specs, bucket_bytes):
-            buffer = torch.empty(bucket.nbytes, dtype=torch.uint8, device=self.group.device)
+        key = (tuple(specs), bucket_bytes)
+        if key != self._plan_key:
+            self._plan = bucket_plan(specs, bucket_bytes)
+            self._buffers = [torch.empty(b.nbytes, dtype=torch.uint8, device=self.group.device) for b in self._plan]
+            self._plan_key = key
+        for bucket, buffer in zip(self._plan, self._buffers, strict=True):
+            t0 = time.perf_counter()
             self.group.broadcast_(buffer)
+            self.stats.broadcast_s += time.perf_counter() - t0
             self.stats.buckets += 1
             self.stats.bytes += bucket.nbytes
             for entry in bucket.entries:

@@ -27,6 +27,8 @@ from tether.launch.plot import plot_metrics
 from tether.launch.supervisor import ProcessSpec, Supervisor
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+_DAEMON_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+               "PYTHONUNBUFFERED": "1"}
 ACCURACY_TARGET = 0.8
 
 log = get_logger("tether.demo")
@@ -94,9 +96,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _clear_training_state(run_dir: Path) -> None:
     """Start training afresh but keep the (deterministic, slow-ish to build) tiny model."""
-    for name in ("checkpoints", "logs", "config"):
+    for name in ("checkpoints", "logs", "config", "broker"):
         shutil.rmtree(run_dir / name, ignore_errors=True)
-    for name in ("metrics.jsonl", "metrics.png", "summary.json"):
+    for name in ("metrics.jsonl", "metrics.abandoned.jsonl", "metrics.png", "summary.json"):
         (run_dir / name).unlink(missing_ok=True)
     for report in run_dir.glob("engine_report*.json"):
         report.unlink()
@@ -130,26 +132,34 @@ def _evaluate(model_dir: Path, config: RunConfig, label: str) -> float:
     return result.accuracy
 
 
-def daemon_specs(config: RunConfig, run_config_path: Path, actors: int, learner_ranks: int) -> list[ProcessSpec]:
+DAEMON_RESTARTS = 3
+"""A crashed daemon is started again this many times: an actor comes back with clean weights, the
+broker replays its journal, the learner resumes from its newest checkpoint."""
+
+
+def daemon_specs(config: RunConfig, run_config_path: Path, actors: int, learner_ranks: int,
+                 restarts: int = DAEMON_RESTARTS) -> list[ProcessSpec]:
     """The broker, the actors and the torchrun learner of one run, in start order."""
     python = sys.executable
     logs = Path(config.run.dir) / "logs"
-    env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-           "PYTHONUNBUFFERED": "1"}
+    env = _DAEMON_ENV
     cfg = ["--config", str(run_config_path)]
-    specs = [ProcessSpec("broker", [python, "-m", "tether.broker", *cfg], logs / "broker.out", env)]
-    specs += [
-        ProcessSpec(f"actor-{i}", [python, "-m", "tether.actor", *cfg, f"actor.actor_id=actor-{i}"],
-                    logs / f"actor-{i}.out", env)
-        for i in range(actors)
-    ]
+    specs = [ProcessSpec("broker", [python, "-m", "tether.broker", *cfg], logs / "broker.out", env, restarts)]
+    specs += [actor_spec(config, run_config_path, f"actor-{i}", restarts) for i in range(actors)]
     specs.append(ProcessSpec(
         "learner",
         [python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={learner_ranks}",
          "-m", "tether.learner", *cfg],
-        logs / "learner.out", env,
+        logs / "learner.out", env, restarts,
     ))
     return specs
+
+
+def actor_spec(config: RunConfig, run_config_path: Path, actor_id: str, restarts: int = DAEMON_RESTARTS) -> ProcessSpec:
+    """One actor daemon of the run (also how tests and benchmarks add actors to a running one)."""
+    return ProcessSpec(actor_id, [sys.executable, "-m", "tether.actor", "--config", str(run_config_path),
+                                  f"actor.actor_id={actor_id}"],
+                       Path(config.run.dir) / "logs" / f"{actor_id}.out", _DAEMON_ENV, restarts)
 
 
 def _train(config: RunConfig, run_config_path: Path, actors: int, learner_ranks: int) -> list[dict]:
@@ -165,15 +175,22 @@ def _train(config: RunConfig, run_config_path: Path, actors: int, learner_ranks:
 
 
 def _follow(metrics_path: Path, total_steps: int, supervisor: Supervisor, learner) -> list[dict]:
-    """Show a progress bar and one line per learner step until the learner exits."""
+    """Show a progress bar and one line per learner step until the learner exits.
+
+    A restarted daemon is reported and followed; a learner that resumes from its checkpoint moves
+    the records of the steps it retrains aside, and the view rewinds with it.
+    """
     from tqdm import tqdm
 
-    records: list[dict] = []
+    records: dict[int, dict] = {}
     offset = 0
     with tqdm(total=total_steps, desc="training", unit="step", file=sys.stderr, dynamic_ncols=True) as bar:
         while True:
             learner_done = learner.returncode is not None
             if metrics_path.is_file():
+                if metrics_path.stat().st_size < offset:  # the learner resumed and rewrote the file
+                    offset, records = 0, {}
+                    tqdm.write("[tether] the learner resumed from its checkpoint", file=sys.stderr)
                 with open(metrics_path) as f:
                     f.seek(offset)
                     for line in f:
@@ -181,12 +198,13 @@ def _follow(metrics_path: Path, total_steps: int, supervisor: Supervisor, learne
                             break  # a line still being written: read it next time
                         offset += len(line.encode())
                         record = json.loads(line)
-                        records.append(record)
-                        bar.update(record["step"] - bar.n)
+                        records[record["step"]] = record
+                        bar.n = record["step"]
+                        bar.refresh()
                         tqdm.write(format_step(record, total_steps), file=sys.stderr)
-            if learner_done:
-                return records
-            failed = [c for c in supervisor.failed() if c is not learner]
+            if learner_done and (learner.returncode == 0 or learner.restarts_left == 0):
+                return [records[step] for step in sorted(records)]
+            failed = supervisor.check()  # restarts a crashed daemon (the learner too) while it may
             if failed:
                 raise SystemExit(f"{failed[0].spec.name} exited with {failed[0].returncode}; see {failed[0].spec.log_path}")
             time.sleep(0.5)

@@ -132,7 +132,8 @@ def _sender_main(port: int, epoch: int, state_path: str, bucket_bytes: int) -> N
 
     torch.set_num_threads(1)
     state = torch.load(state_path)
-    with join_weight_group("127.0.0.1", port, epoch, 0, 2, backend="gloo", timeout_s=120) as group:
+    with join_weight_group("127.0.0.1", port, f"weights/local/epoch-{epoch}", 0, 2, backend="gloo",
+                           timeout_s=120) as group:
         WeightSender(group, bucket_bytes).broadcast(list(state.items()))
 
 
@@ -142,12 +143,13 @@ class _UpdateSource:
     def __init__(self, state_path: Path, specs, epoch: int, version: int, bucket_bytes: int = 8 << 20):
         from torch.distributed import TCPStore
 
-        from tether.common.messages import WeightsAnnounce
+        from tether.common.messages import WeightUpdate
 
         port = _port()
         self.store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
-        self.announce = WeightsAnnounce(version=version, epoch=epoch, tensors=specs, bucket_bytes=bucket_bytes,
-                                        group_host="127.0.0.1", group_port=port, group_world_size=2, first_rank=1)
+        self.announce = WeightUpdate(version=version, lineage="local", epoch=epoch,
+                                     group_key=f"weights/local/epoch-{epoch}", group_host="127.0.0.1", group_port=port,
+                                     world_size=2, first_rank=1, tensors=specs, bucket_bytes=bucket_bytes)
         self.process = mp.get_context("spawn").Process(target=_sender_main,
                                                        args=(port, epoch, str(state_path), bucket_bytes))
         # Started before the engine pauses, as a learner is ready before it announces.

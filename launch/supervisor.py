@@ -1,8 +1,14 @@
-"""Start daemons as child processes and stop every one of them, whatever happens.
+"""Start daemons as child processes, restart the ones that may be restarted, and stop every one.
 
 Each child runs in its own session (process group), so stopping it reaches everything it spawned
 too (vLLM engine cores, torchrun workers). Ctrl-C or SIGTERM to the supervisor stops all children:
-SIGTERM to each group, a grace period, then SIGKILL, so no orphan survives the run.
+SIGTERM to each group, a grace period, then SIGKILL, so no orphan survives the run. If the
+supervisor itself is killed (kill -9), each child gets SIGTERM from the kernel (parent-death
+signal) and takes its group down the same way.
+
+A child started with `restarts > 0` is started again when it exits with an error (a crashed actor
+comes back with clean weights, a crashed broker replays its journal); `check()` does that and
+reports the children that failed for good.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tether.common.logging import get_logger
+from tether.common.process import die_with_parent
 
 log = get_logger(__name__)
 
@@ -27,6 +34,8 @@ class ProcessSpec:
     argv: list[str]
     log_path: Path
     env: dict[str, str] = field(default_factory=dict)
+    restarts: int = 0
+    """How many times to start it again after it exits with an error."""
 
 
 @dataclass
@@ -34,6 +43,8 @@ class Child:
     spec: ProcessSpec
     process: subprocess.Popen
     log_file: object
+    restarts_left: int = 0
+    stopped: bool = False
 
     @property
     def returncode(self) -> int | None:
@@ -46,6 +57,8 @@ class Supervisor:
     def __init__(self, grace_seconds: float = 10.0) -> None:
         self.grace_seconds = grace_seconds
         self.children: list[Child] = []
+        self.restarts = 0
+        """Restarts performed so far."""
         self._previous_handlers: dict[int, object] = {}
 
     def __enter__(self) -> Supervisor:
@@ -61,27 +74,68 @@ class Supervisor:
                 signal.signal(signum, handler)
 
     def start(self, spec: ProcessSpec) -> Child:
+        child = Child(spec=spec, process=None, log_file=None, restarts_left=spec.restarts)  # type: ignore[arg-type]
+        self._launch(child)
+        self.children.append(child)
+        return child
+
+    def _launch(self, child: Child) -> None:
+        spec = child.spec
         spec.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log_file = open(spec.log_path, "ab")  # noqa: SIM115 - closed in stop_all
-        process = subprocess.Popen(
+        child.log_file = open(spec.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        child.process = subprocess.Popen(
             spec.argv,
             env={**os.environ, **spec.env},
-            stdout=log_file,
+            stdout=child.log_file,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            preexec_fn=lambda: die_with_parent(signal.SIGTERM),
         )
-        child = Child(spec=spec, process=process, log_file=log_file)
-        self.children.append(child)
-        log.info("started", process=spec.name, pid=process.pid, log=str(spec.log_path))
-        return child
+        log.info("started", process=spec.name, pid=child.process.pid, log=str(spec.log_path))
+
+    def check(self) -> list[Child]:
+        """Restart children that failed and may be restarted; return those that failed for good."""
+        failed = []
+        for child in self.children:
+            code = child.returncode
+            if code in (None, 0) or child.stopped:
+                continue
+            if child.restarts_left > 0:
+                child.restarts_left -= 1
+                self.restarts += 1
+                log.warning("restarting a failed daemon", process=child.spec.name, returncode=code,
+                            restarts_left=child.restarts_left, log=str(child.spec.log_path))
+                _signal_group(child.process.pid, signal.SIGKILL)  # whatever it left running
+                child.log_file.close()
+                self._launch(child)
+            else:
+                failed.append(child)
+        return failed
 
     def failed(self) -> list[Child]:
-        """Children that exited with a non-zero code."""
-        return [c for c in self.children if c.returncode not in (None, 0)]
+        """Children that exited with a non-zero code (restartable ones included, until restarted)."""
+        return [c for c in self.children if c.returncode not in (None, 0) and not c.stopped]
+
+    def wait_for(self, child: Child, timeout: float, poll_seconds: float = 0.5) -> bool:
+        """Wait until `child` exits (True) or `timeout` passes (False), restarting others as allowed.
+
+        Raises RuntimeError naming the daemon when another child fails for good.
+        """
+        deadline = time.monotonic() + timeout
+        while child.returncode is None:
+            failed = [c for c in self.check() if c is not child]
+            if failed:
+                raise RuntimeError(f"{failed[0].spec.name} exited with {failed[0].returncode}; "
+                                   f"see {failed[0].spec.log_path}")
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(poll_seconds)
+        return True
 
     def stop(self, child: Child) -> int | None:
         """SIGTERM the child's process group, wait up to the grace period, then SIGKILL it."""
+        child.stopped = True
         if child.returncode is None:
             _signal_group(child.process.pid, signal.SIGTERM)
             try:
@@ -95,20 +149,16 @@ class Supervisor:
         child.log_file.close()
         return child.returncode
 
+    def kill(self, child: Child, signum: int = signal.SIGKILL) -> None:
+        """Send `signum` to the child's whole process group (chaos tests; it may be restarted)."""
+        _signal_group(child.process.pid, signum)
+
     def stop_all(self) -> None:
         """Stop children in reverse start order (learner and actors before the broker)."""
         for child in reversed(self.children):
             if not child.log_file.closed:
                 code = self.stop(child)
                 log.info("stopped", process=child.spec.name, returncode=code)
-
-    def wait_any(self, poll_seconds: float = 0.5) -> Child:
-        """Block until some child exits; return it."""
-        while True:
-            for child in self.children:
-                if child.returncode is not None:
-                    return child
-            time.sleep(poll_seconds)
 
 
 def _signal_group(pid: int, signum: int) -> None:

@@ -1,8 +1,13 @@
 """`torchrun --nproc-per-node R -m tether.learner --config FILE key=value ...`
 
 Initialises the default process group (NCCL on CUDA, gloo on CPU), builds the Learner on every
-rank, and loops: step, publish, checkpoint. Rollouts come from the broker, or from
-learner.rollouts_path; weights go to the broker's weight group (learner.publish_to).
+rank (resuming from the newest checkpoint of the run directory), registers every rank with the
+broker under one training session, and loops: step, publish, checkpoint (and commit). Rollouts
+come from the broker, or from learner.rollouts_path; weights go to the broker's weight group
+(learner.publish_to).
+
+Every rank dies with its torchrun agent (the agent starts ranks in their own process sessions, so
+killing the agent alone would otherwise leave them training as orphans).
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import uuid
 from pathlib import Path
 
 import torch
@@ -17,7 +23,8 @@ import torch.distributed as dist
 
 from tether.common.config import load_config_or_exit, save_resolved
 from tether.common.logging import configure_logging, get_logger
-from tether.learner.publish import BrokerRendezvous, StaticRendezvous
+from tether.common.process import die_with_parent
+from tether.learner.publish import StaticRendezvous
 from tether.learner.source import BrokerBatchSource, FileBatchSource
 from tether.learner.trainer import Learner
 
@@ -41,6 +48,14 @@ def _model_dir(config) -> Path:
     return path
 
 
+def _session_id() -> str:
+    """One id for all ranks of this launch (rank 0 draws it): the broker's training session."""
+    session = [uuid.uuid4().hex[:16]]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(session, src=0)
+    return session[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tether.learner", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=None, help="YAML run config")
@@ -48,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config = load_config_or_exit(parser, args.config, args.overrides)
     cfg = config.learner
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        die_with_parent()
     torch.set_num_threads(cfg.num_threads)
     _init_distributed(config.run.device)
     rank = dist.get_rank() if dist.is_initialized() else 0
@@ -55,36 +72,44 @@ def main(argv: list[str] | None = None) -> int:
     log = get_logger(__name__)
     if rank == 0:
         save_resolved(config, config.run.dir, "learner")
+    session = _session_id()
 
-    client = None
+    link = connection = None
     if not cfg.rollouts_path or cfg.publish_to == "broker":
-        try:
-            from tether.common.peer import BrokerClient
-        except ImportError as exc:
-            raise SystemExit(f"no broker client available ({exc}); set learner.rollouts_path and learner.publish_to") from exc
-        client = BrokerClient.from_config(config.broker, peer_id=f"learner-{rank}", role="learner").start()
-        client.hello()
+        from tether.common.peer import BrokerConnection
+        from tether.learner.broker_link import LearnerLink
+
+        connection = BrokerConnection.from_config(config.broker, peer_id=f"learner-{rank}", role="learner")
+        link = LearnerLink(connection, rank=rank, session=session, version=lambda: learner.version,
+                           committed_version=lambda: learner.committed_version)
     source = (FileBatchSource(cfg.rollouts_path) if cfg.rollouts_path
-              else BrokerBatchSource(client, group_size=config.actor.sampling.group_size))
+              else BrokerBatchSource(link, group_size=config.actor.sampling.group_size))
     rendezvous = None
     if rank == 0 and cfg.publish_to == "broker":
-        rendezvous = BrokerRendezvous(client)
+        rendezvous = link
     elif rank == 0 and cfg.publish_to == "static":
         host, port, size = cfg.static_group.rsplit(":", 2)
         rendezvous = StaticRendezvous(host, int(port), int(size))
 
     learner = Learner(config, _model_dir(config), source=source, rendezvous=rendezvous)
+    if connection is not None:
+        connection.start()
+        welcome = link.register(config.broker.connect_timeout_s)
+        log.info("registered with the broker", session=session, latest_version=welcome.latest_version)
     log.info("learner ready", rank=rank, world_size=learner.world_size, device=str(learner.device),
-             body_dtype=str(learner.body_dtype), algorithm=cfg.algorithm, version=learner.version)
+             body_dtype=str(learner.body_dtype), algorithm=cfg.algorithm, version=learner.version, session=session)
     try:
         while learner.version < cfg.steps:
             learner.step()
             learner.maybe_publish()
             learner.maybe_checkpoint()
+        if link is not None and rank == 0:
+            # Let the broker acknowledge the final commit, so a clean stop leaves nothing leased.
+            connection.wait_until(lambda: link.commit_pending is None, 30.0)
     finally:
         learner.close()
-        if client is not None:
-            client.close()
+        if connection is not None:
+            connection.close()
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0

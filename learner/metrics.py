@@ -57,3 +57,29 @@ class MetricsWriter:
         clean = {k: (None if isinstance(v, float) and v != v else v) for k, v in record.items()}
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(clean) + "\n")
+
+
+def drop_records_after(path: str | Path, step: int) -> int:
+    """Move records of steps above `step` from the metrics file at `path` to `<name>.abandoned.jsonl`.
+
+    A learner resumed from the checkpoint at `step` retrains the steps after it; their old records
+    belong to an abandoned lineage, and keeping them would log those steps twice. Returns how many
+    records moved.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, moved = [], []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            record_step = json.loads(line).get("step")
+        except json.JSONDecodeError:
+            continue  # a torn last line of a killed run
+        (moved if isinstance(record_step, int) and record_step > step else kept).append(line)
+    if moved:
+        with path.with_suffix(".abandoned.jsonl").open("a", encoding="utf-8") as f:
+            f.writelines(moved)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(path)
+    return len(moved)

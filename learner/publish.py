@@ -1,16 +1,16 @@
-"""Weight publishing: after a step, rank 0 broadcasts the full weights to every actor worker.
+"""Weight publishing: learner rank 0 broadcasts the full weights to every actor worker.
 
-Protocol (shared with broker and actor): after step v rank 0 sends WeightsAnnounce(version=v,
-epoch=0, tensors, bucket_bytes) to the broker and waits for its reply, which carries the epoch and
-the weight group's address and size (the learner is rank 0). Rank 0 joins that epoch's group once
-and reuses it while the epoch is unchanged, then broadcasts the tensors in `tensors` order, packed
-by tether.common.weight_group.bucket_plan. A group of size 1 has no receivers: nothing is sent.
-A WeightsAnnounce the broker sends unprompted asks to re-publish the current version to a new
-epoch; `serve_republish` answers it between steps.
+Protocol (shared with broker and actor; docs/wire-protocol.md, "Weight updates"): rank 0 offers its
+current version to the broker (PublishRequest) and gets back either a WeightUpdate, naming the
+epoch's weight group (address, rendezvous key, world size; the learner is rank 0), or a deferral.
+Rank 0 joins that group once per epoch and keeps it while the epoch lasts, then broadcasts the
+tensors in `specs()` order, packed by tether.common.weight_group.bucket_plan, and reports the
+outcome (UpdateReport). The `Rendezvous` is rank 0's line to the broker (learner/broker_link.py
+implements it); `StaticRendezvous` is a fixed group without a broker.
 
 Memory is bounded: tensors are all-gathered from the FSDP shards one at a time (every learner rank
-takes part) and copied into one bucket buffer of at most bucket_bytes, which is sent as soon as it
-is full; only rank 0 keeps anything.
+takes part) and copied into bucket buffers of at most bucket_bytes, allocated once per epoch; only
+rank 0 keeps anything.
 """
 
 from __future__ import annotations
@@ -23,20 +23,38 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from tether.common.messages import TensorSpec, WeightsAnnounce
-from tether.common.weight_group import WeightGroup, bucket_plan, dtype_name, join_weight_group
+from tether.common.logging import get_logger
+from tether.common.messages import TensorSpec, WeightUpdate
+from tether.common.weight_group import (
+    WeightGroup,
+    WeightSender,
+    WeightTransferError,
+    bucket_plan,
+    dtype_name,
+    join_weight_group,
+    spec_nbytes,
+)
 from tether.learner.model import full_tensor, publish_dtype
+
+log = get_logger(__name__)
 
 
 class Rendezvous(Protocol):
-    """Rank 0's line to the broker for weight versions."""
+    """Rank 0's line to the broker for weight versions and commits."""
 
-    def announce(self, announce: WeightsAnnounce) -> WeightsAnnounce:
-        """Announce a version; the reply names the epoch and the group (host, port, world size)."""
+    def publish(self, version: int, tensors: list[TensorSpec], bucket_bytes: int) -> WeightUpdate | None:
+        """Offer `version`; the WeightUpdate to broadcast now, or None when there is nothing to send."""
         ...
 
-    def poll_republish(self) -> WeightsAnnounce | None:
-        """A broker-initiated request to broadcast the current version to a new epoch, if any."""
+    def publish_wanted(self) -> bool:
+        """Whether the broker asked for a publish since the last `publish()`."""
+        ...
+
+    def report_update(self, update: WeightUpdate, *, ok: bool, seconds: float, error: str = "") -> None:
+        ...
+
+    def commit(self, version: int) -> None:
+        """The checkpoint at `version` is complete."""
         ...
 
 
@@ -49,28 +67,24 @@ class StaticRendezvous:
     port: int
     world_size: int
     epoch: int = 0
+    group_key: str = "weights/static"
 
-    def announce(self, announce: WeightsAnnounce) -> WeightsAnnounce:
-        return WeightsAnnounce(
-            version=announce.version, epoch=self.epoch, tensors=announce.tensors, bucket_bytes=announce.bucket_bytes,
-            group_host=self.host, group_port=self.port, group_world_size=self.world_size, first_rank=0,
-        )
+    def publish(self, version: int, tensors: list[TensorSpec], bucket_bytes: int) -> WeightUpdate | None:
+        if self.world_size <= 1:
+            return None
+        return WeightUpdate(version=version, lineage="static", epoch=self.epoch, group_key=self.group_key,
+                            group_host=self.host, group_port=self.port, world_size=self.world_size, first_rank=0,
+                            tensors=tensors, bucket_bytes=bucket_bytes)
 
-    def poll_republish(self) -> WeightsAnnounce | None:
-        return None
+    def publish_wanted(self) -> bool:
+        return False
 
+    def report_update(self, update: WeightUpdate, *, ok: bool, seconds: float, error: str = "") -> None:
+        if not ok:
+            log.warning("static weight group broadcast failed", version=update.version, error=error)
 
-class BrokerRendezvous:
-    """Rendezvous through tether.common.peer.BrokerClient (thin adapter; the client owns the socket)."""
-
-    def __init__(self, client):
-        self._client = client
-
-    def announce(self, announce: WeightsAnnounce) -> WeightsAnnounce:
-        return self._client.announce_weights(announce.version, announce.tensors, announce.bucket_bytes)
-
-    def poll_republish(self) -> WeightsAnnounce | None:
-        return self._client.next_weights_announce(timeout=0.0)
+    def commit(self, version: int) -> None:
+        pass
 
 
 @dataclass
@@ -82,13 +96,16 @@ class PublishStats:
     buckets: int = 0
     bytes: int = 0
     seconds: float = 0.0
+    gather_s: float = 0.0
+    """Rank 0: time in the all-gathers and the copies into the bucket buffers."""
+    broadcast_s: float = 0.0
+    """Rank 0: time in the weight-group broadcasts (joining included)."""
+    ok: bool = True
+    error: str = ""
 
 
 class WeightPublisher:
-    """Collective over the learner ranks: all gather, rank 0 announces and broadcasts.
-
-    `rendezvous` is used on rank 0 only (None elsewhere).
-    """
+    """Collective over the learner ranks: all gather, rank 0 broadcasts to the weight group."""
 
     def __init__(
         self,
@@ -98,99 +115,104 @@ class WeightPublisher:
         bucket_bytes: int,
         body_dtype: torch.dtype,
         fp32_lm_head: bool,
-        rendezvous: Rendezvous | None,
         backend: str = "auto",
         device: torch.device | None = None,
         timeout_s: float = 120.0,
     ):
-        if rank == 0 and rendezvous is None:
-            raise ValueError("rank 0 needs a rendezvous to publish weights")
         self.model = model
         self.rank = rank
         self.bucket_bytes = bucket_bytes
-        self.rendezvous = rendezvous
         self.backend = backend
         self.device = device or torch.device("cpu")
         self.timeout_s = timeout_s
         self._dtypes = {name: publish_dtype(name, body_dtype, fp32_lm_head) for name in model.state_dict()}
+        self._specs = [
+            TensorSpec(name=name, shape=tuple(tensor.shape), dtype=dtype_name(self._dtypes[name]))
+            for name, tensor in model.state_dict().items()
+        ]
         self._group: WeightGroup | None = None
+        self._sender: WeightSender | None = None
 
     def specs(self) -> list[TensorSpec]:
         """What is broadcast, in order: every state-dict entry under its Hugging Face name."""
-        return [
-            TensorSpec(name=name, shape=tuple(tensor.shape), dtype=dtype_name(self._dtypes[name]))
-            for name, tensor in self.model.state_dict().items()
-        ]
+        return list(self._specs)
 
-    def publish(self, version: int) -> PublishStats:
-        """Announce `version` and broadcast it (rank 0); every learner rank must call this."""
-        reply = None
-        if self.rank == 0:
-            reply = self.rendezvous.announce(
-                WeightsAnnounce(version=version, epoch=0, tensors=self.specs(), bucket_bytes=self.bucket_bytes)
-            )
-        return self._broadcast(version, reply)
+    def broadcast(self, version: int, update: WeightUpdate | None) -> PublishStats:
+        """Send `version` to the group `update` names (rank 0; None elsewhere). Every rank calls it.
 
-    def serve_republish(self, version: int) -> PublishStats | None:
-        """Answer a broker-initiated re-publish of `version` if one is pending (collective)."""
-        request = self.rendezvous.poll_republish() if self.rank == 0 else None
-        pending = _broadcast_flag(request is not None)
-        if not pending:
-            return None
-        return self._broadcast(version, request)
-
-    def close(self) -> None:
-        if self._group is not None:
-            self._group.close()
-            self._group = None
-
-    def _broadcast(self, version: int, reply: WeightsAnnounce | None) -> PublishStats:
-        # Rank 0 decides; the others only need to know whether to join the gathers.
-        receivers = reply.group_world_size - 1 if reply is not None else 0
-        receivers = _broadcast_int(receivers)
-        epoch = reply.epoch if reply is not None else -1
-        stats = PublishStats(version=version, epoch=epoch, receivers=receivers)
+        Never raises for a group failure: rank 0 returns ok=False with the error (and drops the
+        group), after taking part in every gather so the learner ranks stay in lockstep.
+        """
+        receivers = _broadcast_int(update.world_size - 1 if update is not None else 0, self.device)
+        stats = PublishStats(version=version, epoch=update.epoch if update is not None else -1, receivers=receivers)
         if receivers <= 0:
             return stats
         start = time.perf_counter()
-        group = self._join(reply) if self.rank == 0 else None
+        group = None
+        if self.rank == 0:
+            try:
+                group = self._join(update)
+            except Exception as exc:  # a dead or stuck member: this epoch is over
+                stats.ok, stats.error = False, f"joining the weight group failed: {exc}"
+                self.close()
+        if not _broadcast_int(int(group is not None), self.device):
+            stats.ok = False
+            stats.seconds = time.perf_counter() - start
+            return stats
         state = self.model.state_dict()
-        specs = self.specs()
-        for bucket in bucket_plan(specs, self.bucket_bytes):
-            buffer = torch.empty(bucket.nbytes, dtype=torch.uint8, device=self.device) if group else None
-            for entry in bucket.entries:
-                name = entry.spec.name
-                tensor = full_tensor(state[name])  # collective: every rank gathers
-                if buffer is not None:
-                    raw = tensor.detach().to(self._dtypes[name]).contiguous().reshape(-1).view(torch.uint8)
-                    buffer[entry.offset:entry.offset + entry.nbytes].copy_(raw)
-                del tensor
-            if group is not None:
-                group.broadcast_(buffer)
-            stats.buckets += 1
-            stats.bytes += bucket.nbytes
-        stats.tensors = len(specs)
+        if group is None:
+            for spec in self._specs:
+                full_tensor(state[spec.name])  # collective: every rank gathers
+        else:
+            assert self._sender is not None
+            try:
+                transfer = self._sender.send(self._specs, lambda spec: full_tensor(state[spec.name]))
+                stats.gather_s, stats.broadcast_s = transfer.fill_s, transfer.broadcast_s
+            except WeightTransferError as exc:
+                stats.ok, stats.error = False, str(exc)
+                self.close()
+        stats.buckets = len(bucket_plan(self._specs, self.bucket_bytes))
+        stats.bytes = sum(spec_nbytes(spec) for spec in self._specs)
+        stats.tensors = len(self._specs)
         stats.seconds = time.perf_counter() - start
         return stats
 
-    def _join(self, reply: WeightsAnnounce) -> WeightGroup:
-        if self._group is None or self._group.epoch != reply.epoch:
+    def close(self) -> None:
+        if self._group is not None:
+            self._group.abort()
+        self._group, self._sender = None, None
+
+    def _join(self, update: WeightUpdate) -> WeightGroup:
+        if self._group is None or self._group.key != update.group_key:
             self.close()
             self._group = join_weight_group(
-                reply.group_host, reply.group_port, reply.epoch, rank=0, world_size=reply.group_world_size,
+                update.group_host, update.group_port, update.group_key, rank=0, world_size=update.world_size,
                 backend=self.backend, device=self.device, timeout_s=self.timeout_s,
             )
+            self._sender = WeightSender(self._group, self.bucket_bytes)  # its buffers live as long as the epoch
         return self._group
 
 
-def _broadcast_int(value: int) -> int:
+def _broadcast_int(value: int, device: torch.device) -> int:
+    """Rank 0's `value` on every learner rank (a no-op on one process)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return value
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-    tensor = torch.tensor([value], dtype=torch.long, device=device)
+    tensor = torch.tensor([value], dtype=torch.long, device=_collective_device(device))
     dist.broadcast(tensor, 0)
     return int(tensor.item())
 
 
-def _broadcast_flag(flag: bool) -> bool:
-    return bool(_broadcast_int(int(flag)))
+def broadcast_flags(any_flag: bool, rank0_flag: bool, device: torch.device) -> tuple[bool, bool]:
+    """(whether `any_flag` holds on some rank, rank 0's `rank0_flag`), agreed by every rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return any_flag, rank0_flag
+    values = torch.tensor([int(any_flag), int(rank0_flag) if dist.get_rank() == 0 else 0], dtype=torch.long,
+                          device=_collective_device(device))
+    dist.all_reduce(values)
+    return bool(values[0]), bool(values[1])
+
+
+def _collective_device(device: torch.device) -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -5,11 +5,14 @@ Driver API (every rank runs the same calls; see learner/__main__.py):
     learner = Learner(config, model_dir, source=..., rendezvous=...)   # loads, shards, resumes
     while learner.version < config.learner.steps:
         metrics = learner.step()         # fetch this rank's share, forward/backward, optimizer step
-        learner.maybe_publish()          # broadcast weights of the new version (publish_interval)
-        learner.maybe_checkpoint()
+        learner.maybe_publish()          # broadcast the new version (publish_interval, or asked for)
+        learner.maybe_checkpoint()       # save, then commit the step's rollouts to the broker
     learner.close()
 
-The weight version is the number of optimizer steps taken; `step()` increments it.
+The weight version is the number of optimizer steps taken; `step()` increments it. While a rank
+waits for its batch, the ranks check together every `POLL_S` whether the broker asked for weights
+(an actor joined, came back or missed an update) and publish the current version at once, so a
+learner waiting for rollouts never starves the actors that would produce them.
 """
 
 from __future__ import annotations
@@ -27,9 +30,9 @@ from tether.learner.algorithms import LossInput, LossParams, get_algorithm
 from tether.learner.batch import MicroBatch, prepare_batch
 from tether.learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from tether.learner.logprobs import processed_entropy, processed_logprobs
-from tether.learner.metrics import MetricsWriter, StepMetrics
+from tether.learner.metrics import MetricsWriter, StepMetrics, drop_records_after
 from tether.learner.model import completion_logits, load_policy, resolve_body_dtype, resolve_device
-from tether.learner.publish import PublishStats, Rendezvous, WeightPublisher
+from tether.learner.publish import PublishStats, Rendezvous, WeightPublisher, broadcast_flags
 from tether.learner.source import BatchSource
 
 log = get_logger(__name__)
@@ -37,6 +40,8 @@ log = get_logger(__name__)
 _LOSS_METRICS = ("pg_loss", "clamp_log_ratio_new_old_indicator", "kl_ref")
 MAX_EMPTY_FETCHES = 100
 """Consecutive batches without a trainable token after which the learner gives up."""
+POLL_S = 0.1
+"""How often waiting ranks check together whether to publish."""
 
 
 def _dummy_micro_batch() -> MicroBatch:
@@ -113,18 +118,32 @@ class Learner:
             aggregation=cfg.loss_aggregation,
         )
         self.version = 0
+        self.committed_version = -1
+        """Version of the newest checkpoint this run's lineage holds (-1: none)."""
         self.dropped_total = 0
         if cfg.resume and (path := latest_checkpoint(self.run_dir)) is not None:
             self.version = load_checkpoint(path, self.model, self.optimizer)
+            self.committed_version = self.version
             log.info("resumed", checkpoint=str(path), version=self.version)
+        if self.rank == 0 and rendezvous is None and cfg.publish_to != "none":
+            raise ValueError("learner rank 0 needs a rendezvous to publish weights")
+        self.rendezvous = rendezvous if self.rank == 0 else None
         self.publisher = None
         if cfg.publish_to != "none":
             self.publisher = WeightPublisher(
                 self.model, rank=self.rank, bucket_bytes=cfg.bucket_mb * 1024 * 1024, body_dtype=self.body_dtype,
-                fp32_lm_head=self.fp32_lm_head, rendezvous=rendezvous, backend=config.weights.backend,
+                fp32_lm_head=self.fp32_lm_head, backend=config.weights.backend,
                 device=self.device, timeout_s=config.weights.timeout_s,
             )
-        self.writer = MetricsWriter(self.run_dir) if self.rank == 0 else None
+        self.writer = None
+        if self.rank == 0:
+            # Steps above the checkpoint we resumed from belong to an abandoned lineage: keep them
+            # out of the run's metrics (so no step is logged twice), but keep them for inspection.
+            moved = drop_records_after(self.run_dir / "metrics.jsonl", self.version)
+            if moved:
+                log.warning("metrics of steps after the resumed checkpoint moved aside", steps=moved,
+                            version=self.version)
+            self.writer = MetricsWriter(self.run_dir)
 
     # ---- one optimizer step -------------------------------------------------------------------
 
@@ -188,10 +207,7 @@ class Learner:
         cfg = self.config.learner
         skipped_dropped = skipped_empty = skipped_received = 0
         for _ in range(MAX_EMPTY_FETCHES):
-            batch = self.source.next_batch(
-                step=self.version, rank=self.rank, world_size=self.world_size, size=cfg.rollouts_per_step,
-                learner_version=self.version, max_lag=cfg.max_lag,
-            )
+            batch = self._fetch()
             prepared = prepare_batch(batch.rollouts, self.version, cfg.max_lag, cfg.micro_batch_size,
                                      self.algorithm.advantages)
             totals = StepMetrics()
@@ -213,6 +229,24 @@ class Learner:
             f"(every rollout stale beyond learner.max_lag={cfg.max_lag}, or empty): the rollout source "
             "cannot supply this version"
         )
+
+    def _fetch(self):
+        """This rank's batch from the source, serving publish requests while any rank waits."""
+        cfg = self.config.learner
+        self.source.request(step=self.version, rank=self.rank, world_size=self.world_size,
+                            size=cfg.rollouts_per_step, learner_version=self.version, max_lag=cfg.max_lag)
+        batch = None
+        while True:
+            if batch is None:
+                batch = self.source.poll(POLL_S)
+            waiting, wanted = broadcast_flags(batch is None, self._publish_wanted(), self.device)
+            if wanted:
+                self.publish()
+            if not waiting:
+                return batch
+
+    def _publish_wanted(self) -> bool:
+        return self.rendezvous is not None and self.publisher is not None and self.rendezvous.publish_wanted()
 
     def _micro_step(self, mb: MicroBatch, total_tokens: float, total_sequences: float, m: StepMetrics) -> None:
         device = self.device
@@ -316,26 +350,44 @@ class Learner:
     # ---- publishing and checkpoints -------------------------------------------------------------
 
     def publish(self) -> PublishStats | None:
-        """Announce and broadcast the current version (collective; no-op without a publisher)."""
+        """Offer the current version to the broker and broadcast it if asked to (collective).
+
+        Rank 0 asks; every rank joins the gathers when there is something to send. A failed join or
+        broadcast costs this publish only: rank 0 reports it and the broker re-sends the version to
+        the survivors in a new epoch (it asks again with PublishWanted); the step is never lost.
+        """
         if self.publisher is None:
             return None
-        stats = self.publisher.publish(self.version)
-        if self.rank == 0:
-            log.info("published", version=stats.version, epoch=stats.epoch, receivers=stats.receivers,
-                     mb=round(stats.bytes / 1e6, 3), seconds=round(stats.seconds, 4))
+        update = None
+        if self.rendezvous is not None:
+            update = self.rendezvous.publish(self.version, self.publisher.specs(), self.publisher.bucket_bytes)
+        stats = self.publisher.broadcast(self.version, update)
+        if self.rendezvous is not None and update is not None:
+            self.rendezvous.report_update(update, ok=stats.ok, seconds=stats.seconds, error=stats.error)
+            event = log.info if stats.ok else log.warning
+            event("published" if stats.ok else "publish failed", version=stats.version, epoch=stats.epoch,
+                  receivers=stats.receivers, mb=round(stats.bytes / 1e6, 3), seconds=round(stats.seconds, 4),
+                  error=stats.error or None)
         return stats
 
     def maybe_publish(self) -> PublishStats | None:
-        """Publish if the version is on the publish interval, else serve a pending re-publish request."""
+        """Publish on the publish interval, or when the broker asked for weights (collective)."""
         if self.publisher is None:
             return None
-        if self.version % self.config.learner.publish_interval == 0:
-            return self.publish()
-        return self.publisher.serve_republish(self.version)
+        due = self.version % self.config.learner.publish_interval == 0
+        _, wanted = broadcast_flags(False, self._publish_wanted(), self.device)
+        return self.publish() if due or wanted else None
 
     def save_checkpoint(self) -> Path:
-        return save_checkpoint(self.run_dir, self.version, self.model, self.optimizer, self.model_dir,
+        """Save the current version (collective), then commit the rollouts trained so far (rank 0):
+        the broker counts them consumed only now, so a learner restarted from this checkpoint gets
+        back exactly what it had not saved."""
+        path = save_checkpoint(self.run_dir, self.version, self.model, self.optimizer, self.model_dir,
                                self.body_dtype, self.fp32_lm_head)
+        self.committed_version = self.version
+        if self.rendezvous is not None:
+            self.rendezvous.commit(self.version)
+        return path
 
     def maybe_checkpoint(self) -> Path | None:
         cfg = self.config.learner

@@ -1,10 +1,12 @@
-"""The whole system for a few steps: broker, 2 actors (real vLLM V1), a 2-rank torchrun learner.
+"""The whole system for a few steps: broker, 2 actors (real vLLM V1), a 2-rank torchrun learner,
+all started at once as `tether demo` starts them (an actor may register after the learner's first
+publish: the broker then asks the learner to publish again, and the actor catches up).
 
 Checked from what the daemons leave behind (metrics, logs, the broker's journal and its Status):
-versions advance; every actor loads every version; per-token versions
-never decrease within a sequence; no acked rollout is lost (actor acks = broker stored = consumed +
-dropped + buffered, and the learner received exactly what the broker handed out); lag stays within
-max_lag; lag-0 tokens hold the parity floor.
+versions advance; every actor ends at the last version and never loads an older one; per-token
+versions never decrease within a sequence; no acked rollout is lost (actor acks = broker stored =
+consumed + dropped + buffered + leased, and the learner received exactly what was consumed);
+lag stays within max_lag; lag-0 tokens hold the parity floor.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from test_broker_helpers import free_port
 
 from tether.broker.journal import PUT, Journal
 from tether.common.config import load_config, save_resolved
-from tether.common.peer import BrokerClient, BrokerError
+from tether.common.messages import StatusRequest
+from tether.common.peer import BrokerConnection
 from tether.launch.demo import DEFAULT_CONFIG, daemon_specs
 from tether.launch.plot import read_metrics
 from tether.launch.supervisor import Supervisor
@@ -35,33 +38,11 @@ def _json_lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _wait_for_learner(supervisor: Supervisor, learner, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while learner.returncode is None:
-        others = [c for c in supervisor.failed() if c is not learner]
-        assert not others, f"{others[0].spec.name} died; see {others[0].spec.log_path}"
-        assert time.monotonic() < deadline, f"learner did not finish in {timeout_s}s; see {learner.spec.log_path}"
-        time.sleep(0.5)
-
-
-def _wait_for_actors(supervisor: Supervisor, client: BrokerClient, timeout_s: float) -> None:
+def _status_when_actors_hold(client: BrokerConnection, version: int, timeout_s: float = 60.0):
+    """The broker's Status once every actor holds `version` (the last update may still be loading)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        assert not supervisor.failed(), f"{supervisor.failed()[0].spec.name} died; see its log"
-        try:
-            if sum(p.role == "actor" and p.alive for p in client.status().peers) == ACTORS:
-                return
-        except BrokerError:  # the broker may still be starting
-            pass
-        assert time.monotonic() < deadline, f"actors did not register in {timeout_s}s"
-        time.sleep(1.0)
-
-
-def _status_when_actors_hold(client: BrokerClient, version: int, timeout_s: float = 60.0):
-    """The broker's Status once every actor has acked `version` (the last update may still be loading)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        status = client.status()
+        status = client.request(StatusRequest(), timeout=10.0)
         actors = [p for p in status.peers if p.role == "actor"]
         if len(actors) == ACTORS and all(p.loaded_version == version for p in actors):
             return status
@@ -76,41 +57,37 @@ def run(tiny_model_dir, tmp_path_factory):
         f"run.dir={run_dir}", f"model.path={tiny_model_dir}", f"learner.steps={STEPS}",
         "learner.rollouts_per_step=16", "learner.micro_batch_size=8", f"learner.max_lag={MAX_LAG}",
         "actor.sampling.group_size=4", "actor.max_groups_in_flight=4", "actor.max_unacked_rollouts=16",
-        "broker.buffer_capacity=64", f"broker.journal_path={run_dir / 'journal.bin'}",
-        f"broker.port={free_port()}", f"broker.store_port={free_port()}",
+        "broker.buffer_capacity=64", f"broker.port={free_port()}", f"broker.store_port={free_port()}",
     ]
     config = load_config(DEFAULT_CONFIG, overrides)
     run_config = save_resolved(config, run_dir, "run")
-    specs = daemon_specs(config, run_config, ACTORS, learner_ranks=2)
+    specs = daemon_specs(config, run_config, ACTORS, learner_ranks=2, restarts=0)
     with Supervisor(grace_seconds=20.0) as supervisor, \
-            BrokerClient.from_config(config.broker, peer_id="e2e-test", role="tool") as client:
-        actors = [supervisor.start(s) for s in specs[:-1]][1:]
-        # The learner starts once both actors are registered: an actor that registers after the
-        # learner's last publish can never receive that version (correct, but not this test's case).
-        _wait_for_actors(supervisor, client, timeout_s=600)
-        learner = supervisor.start(specs[-1])
-        _wait_for_learner(supervisor, learner, timeout_s=600)
+            BrokerConnection.from_config(config.broker, peer_id="e2e-test", role="tool") as client:
+        children = [supervisor.start(spec) for spec in specs]
+        actors, learner = children[1:-1], children[-1]
+        assert supervisor.wait_for(learner, timeout=600), f"learner did not finish; see {learner.spec.log_path}"
         assert learner.returncode == 0, f"learner failed; see {learner.spec.log_path}"
         _status_when_actors_hold(client, STEPS)
         for actor in actors:  # graceful stop: each flushes and logs its books
             supervisor.stop(actor)
-        status = client.status()
-    return run_dir, status
+        status = client.request(StatusRequest(), timeout=10.0)
+    return run_dir, config, status
 
 
-def test_versions_advance_and_every_actor_loads_every_version(run):
-    run_dir, status = run
+def test_versions_advance_and_every_actor_catches_up_to_the_last(run):
+    run_dir, _, status = run
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, STEPS + 1))
-    assert status.latest_version == STEPS
+    assert status.latest_version == STEPS and status.committed_version == STEPS
     for i in range(ACTORS):
         events = _json_lines(run_dir / "logs" / f"actor-{i}.jsonl")
         loaded = [e["version"] for e in events if e["event"] == "weights_updated"]
-        assert loaded == list(range(1, STEPS + 1)), (i, loaded)  # registered before version 1: none skipped
+        assert loaded and loaded[-1] == STEPS and loaded == sorted(set(loaded)), (i, loaded)
 
 
 def test_token_versions_never_decrease_and_stay_in_range(run):
-    run_dir, _ = run
-    rollouts = [value for kind, value in Journal(run_dir / "journal.bin").replay() if kind == PUT]
+    run_dir, config, _ = run
+    rollouts = [value for kind, value in Journal(config.broker.journal_path).replay() if kind == PUT]
     assert rollouts
     for rollout in rollouts:
         versions = rollout.versions.numpy()
@@ -119,20 +96,21 @@ def test_token_versions_never_decrease_and_stay_in_range(run):
 
 
 def test_no_acked_rollout_is_lost(run):
-    run_dir, status = run
+    run_dir, _, status = run
     acked = 0
     for i in range(ACTORS):
         stopped = [e for e in _json_lines(run_dir / "logs" / f"actor-{i}.jsonl") if e["event"] == "actor stopped"]
         assert len(stopped) == 1, f"actor-{i} did not stop gracefully"
         acked += stopped[0]["rollouts_acked"]
     assert acked == status.stored_total > 0
+    assert status.leased == 0  # the final checkpoint committed every lease
     assert status.stored_total == status.consumed_total + status.dropped_stale_total + status.buffer_depth
     received = sum(r["samples_received"] for r in read_metrics(run_dir / "metrics.jsonl"))
     assert received == status.consumed_total
 
 
 def test_lag_stays_within_max_lag_and_lag0_tokens_hold_parity(run):
-    run_dir, _ = run
+    run_dir, _, _ = run
     records = read_metrics(run_dir / "metrics.jsonl")
     assert all(r["lag_max"] <= MAX_LAG for r in records)
     with_parity = [r for r in records if r["parity_lag0_tokens"]]

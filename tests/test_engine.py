@@ -27,7 +27,7 @@ from tether.actor.testing import (
 )
 from tether.common.config import EngineConfig, ModelConfig
 from tether.common.errors import ConfigError
-from tether.common.messages import WeightsAnnounce
+from tether.common.messages import WeightUpdate
 from tether.common.weight_group import tensor_specs
 
 pytestmark = pytest.mark.slow
@@ -107,7 +107,9 @@ def test_a_processed_logprobs_match_transformers_reference(completions, model_di
     print(f"\n[parity a] fp32 processed logprobs vs transformers: n={diffs.size} "
           f"mean|d|={diffs.mean():.3e} max|d|={diffs.max():.3e}")
     assert diffs.size >= 100
-    assert diffs.mean() < 1e-6 and diffs.max() < 1e-5
+    # fp32 reduction-order noise: 0.9-1.1e-6 mean and ~7e-6 max on the machines this ran on (the
+    # kernels vLLM's CPU build picks differ by host). A wrong logprob mode is off by 0.1 or more (c).
+    assert diffs.mean() < 3e-6 and diffs.max() < 2e-5
 
 
 def test_c_raw_and_processed_differ_at_t07_top_p(completions, model_dir):
@@ -122,13 +124,25 @@ def test_c_raw_and_processed_differ_at_t07_top_p(completions, model_dir):
 
 
 class _SlowAckSink:
-    """In-process stand-in for BrokerClient: holds rollouts unacked until capacity is asked for."""
+    """In-process stand-in for ActorLink: holds rollouts unacked until capacity is asked for, and
+    grants a group only while fewer than `max_granted` granted groups have not arrived."""
 
-    def __init__(self, max_unacked: int):
+    def __init__(self, max_unacked: int, max_granted: int):
         self.max_unacked, self.unacked, self.received, self.peak = max_unacked, [], [], 0
+        self.max_granted, self.granted, self.refused = max_granted, 0, 0
+
+    def acquire_group(self, wanted, timeout):
+        arrived = len({r.group_id for r in self.received})
+        if self.granted - arrived >= self.max_granted:
+            self.refused += 1
+            if self.unacked:  # time passes: the "broker" acks the oldest rollout
+                self.unacked.pop(0)
+            return False
+        self.granted += 1
+        return True
 
     def send_rollouts(self, rollouts):
-        from tether.common.peer import Backpressure
+        from tether.actor.broker_link import Backpressure
 
         if len(self.unacked) + len(rollouts) > self.max_unacked:
             raise Backpressure("full")
@@ -141,11 +155,8 @@ class _SlowAckSink:
             self.unacked.pop(0)
         return len(self.unacked) + n <= self.max_unacked
 
-    def unacked_count(self):
-        return len(self.unacked)
 
-
-def test_rollout_pump_groups_rewards_and_backpressure(loop, engine, model_dir):
+def test_rollout_pump_groups_rewards_grants_and_backpressure(loop, engine, model_dir):
     from transformers import AutoTokenizer
 
     from tether.actor.rollouts import GroupGenerator, RolloutPump
@@ -154,11 +165,12 @@ def test_rollout_pump_groups_rewards_and_backpressure(loop, engine, model_dir):
 
     task = build_task(TaskConfig(name="arithmetic"))
     sampling = SamplingConfig(temperature=T, top_k=TOP_K, top_p=TOP_P, max_tokens=6, group_size=4)
-    sink = _SlowAckSink(max_unacked=8)
+    sink = _SlowAckSink(max_unacked=8, max_granted=1)
     generator = GroupGenerator(engine, task, AutoTokenizer.from_pretrained(model_dir), sampling, "actor-test")
-    pump = RolloutPump(generator, sink, max_groups_in_flight=2, capacity_poll_s=0.01)
+    pump = RolloutPump(generator, sink, max_groups_in_flight=2, poll_s=0.01)
     loop.run_until_complete(pump.run(task.train_prompts(seed=0), max_groups=5))
-    assert pump.groups_done == 5 and len(sink.received) == 20
+    assert pump.groups_done == 5 and len(sink.received) == 20 and sink.granted == 5
+    assert pump.waits >= 1 and sink.refused >= 1  # with one grant at a time, never two groups at once
     assert sink.peak <= 8  # never more unacked than the sink allows
     groups = {}
     for r in sink.received:
@@ -175,7 +187,8 @@ def _sender_main(port: int, epoch: int, state_path: str, bucket_bytes: int) -> N
 
     torch.set_num_threads(1)
     state = torch.load(state_path)
-    with join_weight_group("127.0.0.1", port, epoch, 0, 2, backend="gloo", timeout_s=60) as group:
+    with join_weight_group("127.0.0.1", port, f"weights/test/epoch-{epoch}", 0, 2, backend="gloo",
+                           timeout_s=60) as group:
         WeightSender(group, bucket_bytes).broadcast(list(state.items()))
 
 
@@ -191,8 +204,7 @@ def test_d_inflight_update_mid_generation(loop, engine, model_dir, tmp_path):
         port = sock.getsockname()[1]
     store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)  # the broker's store
     bucket_bytes = 64 * 1024
-    announce = WeightsAnnounce(version=1, epoch=1, tensors=tensor_specs(new_state.items()), bucket_bytes=bucket_bytes,
-                               group_host="127.0.0.1", group_port=port, group_world_size=2, first_rank=1)
+    announce = _update(1, 1, new_state, bucket_bytes, port)
     n_tokens = 40
     counts = [0] * len(PROMPTS)
 
@@ -253,17 +265,25 @@ def test_d_inflight_update_mid_generation(loop, engine, model_dir, tmp_path):
     assert np.median(after_old) > 1e-2  # inf where the old weights could not have sampled the token
 
 
+def _update(version: int, epoch: int, state: dict, bucket_bytes: int, port: int) -> WeightUpdate:
+    return WeightUpdate(version=version, lineage="test", epoch=epoch, group_key=f"weights/test/epoch-{epoch}",
+                        group_host="127.0.0.1", group_port=port, world_size=2, first_rank=1,
+                        tensors=tensor_specs(state.items()), bucket_bytes=bucket_bytes)
+
+
 def _multi_sender_main(port: int, plan: list[tuple[int, str]], bucket_bytes: int) -> None:
     """Rank 0 of successive weight groups: one group per epoch, kept across that epoch's versions."""
     from tether.common.weight_group import WeightSender, join_weight_group
 
-    group = None
+    group = sender = None
     for epoch, state_path in plan:
-        if group is None or group.epoch != epoch:
+        key = f"weights/test/epoch-{epoch}"
+        if group is None or group.key != key:
             if group is not None:
                 group.close()
-            group = join_weight_group("127.0.0.1", port, epoch, 0, 2, backend="gloo", timeout_s=60)
-        WeightSender(group, bucket_bytes).broadcast(list(torch.load(state_path).items()))
+            group = join_weight_group("127.0.0.1", port, key, 0, 2, backend="gloo", timeout_s=60)
+            sender = WeightSender(group, bucket_bytes)
+        sender.broadcast(list(torch.load(state_path).items()))
     group.close()
 
 
@@ -289,9 +309,7 @@ def test_updates_reuse_the_epoch_group_and_rejoin_on_a_new_epoch(loop, engine, m
     sender.start()
     try:
         for i, (epoch, _, state) in enumerate(plan):
-            announce = WeightsAnnounce(version=first_version + i, epoch=epoch, tensors=tensor_specs(state.items()),
-                                       bucket_bytes=64 * 1024, group_host="127.0.0.1", group_port=port,
-                                       group_world_size=2, first_rank=1)
+            announce = _update(first_version + i, epoch, state, 64 * 1024, port)
             loop.run_until_complete(engine.update_weights(announce))
             checksums = loop.run_until_complete(engine.llm.collective_rpc("tether_param_checksum",
                                                                           args=("model.norm.weight",)))
@@ -301,3 +319,54 @@ def test_updates_reuse_the_epoch_group_and_rejoin_on_a_new_epoch(loop, engine, m
         sender.join(60)
         del store
     assert sender.exitcode == 0
+
+
+def _dying_sender_main(port: int, key: str) -> None:
+    """Joins the group, then dies before sending anything (a learner killed mid-update)."""
+    import os
+
+    from tether.common.weight_group import join_weight_group
+
+    join_weight_group("127.0.0.1", port, key, 0, 2, backend="gloo", timeout_s=60)
+    os._exit(1)
+
+
+def test_a_failed_update_keeps_generation_paused_until_a_complete_one(loop, engine, model_dir, tmp_path):
+    """Weights half-loaded by a failed transfer must never produce a token: requests wait, paused,
+    and continue once a later update loads every tensor."""
+    from torch.distributed import TCPStore
+
+    from tether.actor.engine import WeightUpdateError
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
+    state = perturbed_state(load_state(model_dir), scale=0.02, seed=99)
+    torch.save(state, tmp_path / "good.pt")
+    version = engine.version + 1
+    dying = mp.get_context("spawn").Process(target=_dying_sender_main, args=(port, "weights/test/epoch-90"))
+
+    async def run():
+        request = asyncio.ensure_future(engine.generate(PROMPTS[0], _params(seed=5, max_tokens=24, ignore_eos=True)))
+        await asyncio.sleep(0.2)
+        dying.start()
+        with pytest.raises(WeightUpdateError):
+            await engine.update_weights(_update(version, 90, state, 64 * 1024, port))
+        assert not engine.healthy and engine.version == version - 1
+        await asyncio.sleep(1.0)
+        assert not request.done()  # paused: no token from weights that may be mixed
+        good = mp.get_context("spawn").Process(target=_sender_main, args=(port, 91, str(tmp_path / "good.pt"),
+                                                                           64 * 1024))
+        good.start()
+        await engine.update_weights(_update(version, 91, state, 64 * 1024, port))
+        completion = await asyncio.wait_for(request, 60)
+        good.join(60)
+        return completion
+
+    completion = loop.run_until_complete(run())
+    dying.join(10)
+    del store
+    assert engine.healthy and engine.version == version
+    assert len(completion.token_ids) == 24 and set(completion.versions.tolist()) <= {version - 1, version}
+    assert completion.versions[-1] == version  # it finished on the complete update's weights

@@ -101,7 +101,7 @@ def fsdp_run(model_dir, rollouts_file, tmp_path_factory):
 
     def receive() -> None:
         try:
-            with join_weight_group("127.0.0.1", port, epoch=0, rank=1, world_size=2, backend="gloo",
+            with join_weight_group("127.0.0.1", port, "weights/static", rank=1, world_size=2, backend="gloo",
                                    timeout_s=200, store=store) as group:
                 receiver = WeightReceiver(group)
                 for version in range(1, STEPS + 1):

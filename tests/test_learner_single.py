@@ -84,10 +84,14 @@ def test_an_all_stale_batch_is_skipped_not_stepped(setup, tmp_path):
     class StaleTwiceThenFresh:
         def __init__(self):
             self.calls = 0
+            self.batch = None
 
-        def next_batch(self, **kwargs):
+        def request(self, **kwargs):
             self.calls += 1
-            return (tagged(0) if self.calls <= 2 else tagged(1)).next_batch(**kwargs)
+            self.batch = (tagged(0) if self.calls <= 2 else tagged(1)).next_batch(**kwargs)
+
+        def poll(self, timeout):
+            return self.batch
 
     learner = _learner(setup, tmp_path, **{"learner.max_lag": 0})
     learner.step()  # version 0 -> 1 on lag-0 data

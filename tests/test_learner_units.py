@@ -88,9 +88,10 @@ def test_publisher_skips_broadcast_without_receivers_and_names_hf_tensors():
     config = Qwen2Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                          num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
     model = Qwen2ForCausalLM(config)
-    publisher = WeightPublisher(model, rank=0, bucket_bytes=1024, body_dtype=torch.bfloat16, fp32_lm_head=True,
-                                rendezvous=StaticRendezvous("127.0.0.1", 1, world_size=1))
+    publisher = WeightPublisher(model, rank=0, bucket_bytes=1024, body_dtype=torch.bfloat16, fp32_lm_head=True)
     specs = {s.name: s for s in publisher.specs()}
     assert specs["lm_head.weight"].dtype == "float32" and specs["model.layers.0.self_attn.q_proj.weight"].dtype == "bfloat16"
-    stats = publisher.publish(version=3)
-    assert stats.receivers == 0 and stats.bytes == 0 and stats.version == 3
+    update = StaticRendezvous("127.0.0.1", 1, world_size=1).publish(3, publisher.specs(), 1024)
+    assert update is None  # a group of one has no receivers
+    stats = publisher.broadcast(3, update)
+    assert stats.receivers == 0 and stats.bytes == 0 and stats.version == 3 and stats.ok

@@ -17,10 +17,9 @@ from tether.common.transport import (
 
 def _echo_once(server, timeout=5.0):
     got = server.recv(timeout)
-    assert got is not None
-    peer, data = got
-    assert server.send(peer, b"echo:" + data)
-    return peer
+    assert got is not None and got.credential is None
+    assert server.send(got.peer, b"echo:" + got.data)
+    return got.peer
 
 
 def test_zmq_round_trip_sees_distinct_peer_identities():
@@ -44,7 +43,7 @@ def test_zmq_server_reports_multiframe_messages_as_malformed():
     try:
         raw.send_multipart([b"one", b"two"])
         got = server.recv(5)
-        assert got is not None and got[1] is None
+        assert got is not None and got.data is None
     finally:
         raw.close(0), ctx.term(), server.close()
 
@@ -56,31 +55,31 @@ def test_zmq_max_message_size_disconnects_the_sender_only():
         big.send(b"x" * 100_000)
         good.send(b"small")
         got = server.recv(5)
-        assert got is not None and got[1] == b"small"
+        assert got is not None and got.data == b"small"
         assert server.recv(0.3) is None  # the oversized frame never reached the application
     finally:
         big.close(), good.close(), server.close()
 
 
 def _make_keys(tmp_path):
-    (tmp_path / "clients").mkdir()
-    (tmp_path / "authorized").mkdir()
-    zmq.auth.create_certificates(str(tmp_path), "server")
-    pub, _ = zmq.auth.create_certificates(str(tmp_path / "clients"), "good")
-    (tmp_path / "authorized" / "good.key").write_bytes(open(pub, "rb").read())
-    zmq.auth.create_certificates(str(tmp_path / "clients"), "stranger")
+    from tether.broker.keys import make_keys
+
+    make_keys(tmp_path, {"actor": ["good"]})
+    zmq.auth.create_certificates(str(tmp_path / "clients"), "stranger")  # never authorized
 
 
-def test_curve_admits_authorised_keys_and_refuses_others(tmp_path):
+def test_curve_admits_authorised_keys_names_them_and_refuses_others(tmp_path):
     _make_keys(tmp_path)
-    server = ZmqServerTransport(f"tcp://127.0.0.1:{free_port()}", curve=load_server_keys(tmp_path))
+    keys = load_server_keys(tmp_path)
+    server = ZmqServerTransport(f"tcp://127.0.0.1:{free_port()}", curve=keys)
     good = ZmqClientTransport(server.endpoint, curve=load_client_keys(tmp_path, "good"))
     stranger = ZmqClientTransport(server.endpoint, curve=load_client_keys(tmp_path, "stranger"))
     try:
         stranger.send(b"let me in")
         good.send(b"hello")
         got = server.recv(5)
-        assert got is not None and got[1] == b"hello"
+        assert got is not None and got.data == b"hello"
+        assert keys.key_roles[got.credential] == frozenset({"actor"})  # the key it proved it holds
         # The stranger's handshake was refused by ZAP: its message is never delivered.
         assert server.recv(1.0) is None
     finally:
@@ -92,8 +91,8 @@ def test_inproc_round_trip_and_drop_when_full():
     server = hub.server()
     c = hub.client()
     assert c.send(b"a") and c.send(b"b") and not c.send(b"c")  # third is dropped at the bound
-    peer, data = server.recv(1)
-    assert (peer, data) == (c.identity, b"a")
-    assert server.send(peer, b"reply") and c.recv(1) == b"reply"
+    got = server.recv(1)
+    assert (got.peer, got.data, got.credential) == (c.identity, b"a", None)
+    assert server.send(got.peer, b"reply") and c.recv(1) == b"reply"
     c.close()
-    assert not server.send(peer, b"gone")
+    assert not server.send(got.peer, b"gone")

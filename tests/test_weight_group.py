@@ -43,7 +43,7 @@ def _named_tensors(seed: int) -> list[tuple[str, torch.Tensor]]:
 
 def _sender_main(port: int, epoch: int, world_size: int, bucket_bytes: int, seed: int) -> None:
     torch.set_num_threads(1)
-    with join_weight_group("127.0.0.1", port, epoch, 0, world_size, backend="gloo", timeout_s=60) as group:
+    with join_weight_group("127.0.0.1", port, f"weights/test/{epoch}", 0, world_size, backend="gloo", timeout_s=60) as group:
         WeightSender(group, bucket_bytes).broadcast(_named_tensors(seed))
 
 
@@ -82,7 +82,7 @@ def test_broadcast_is_bit_identical_between_processes(bucket_bytes):
     try:
         expected = _named_tensors(seed)
         specs = tensor_specs(expected)
-        with join_weight_group("127.0.0.1", port, epoch, 1, 2, backend="gloo", timeout_s=60) as group:
+        with join_weight_group("127.0.0.1", port, f"weights/test/{epoch}", 1, 2, backend="gloo", timeout_s=60) as group:
             receiver = WeightReceiver(group)
             received = list(receiver.receive(specs, bucket_bytes))
         assert [name for name, _ in received] == [name for name, _ in expected]
@@ -103,10 +103,10 @@ def test_missing_sender_times_out_instead_of_hanging():
     port = _free_port()
     master = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
     with pytest.raises(Exception):  # noqa: B017 - gloo raises RuntimeError/DistStoreError by version
-        join_weight_group("127.0.0.1", port, 0, 1, 2, backend="gloo", timeout_s=2)
+        join_weight_group("127.0.0.1", port, "weights/alone", 1, 2, backend="gloo", timeout_s=2)
     del master
 
 
 def test_rank_checks():
     with pytest.raises(ValueError):
-        join_weight_group("127.0.0.1", 1, 0, 2, 2, backend="gloo")
+        join_weight_group("127.0.0.1", 1, "weights/x", 2, 2, backend="gloo")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import msgspec
 import numpy as np
 import pytest
@@ -56,33 +58,55 @@ tensor_specs = st.builds(
     dtype=st.sampled_from(["float32", "bfloat16"]),
 )
 
+versions_ = st.integers(0, 10**6)
+seqs = st.integers(0, 2**40)
+id_lists = st.lists(ids, max_size=5)
+
 RECORD_STRATEGIES = {
-    m.Hello: st.builds(m.Hello, peer_id=ids, role=st.sampled_from(["actor", "learner", "broker", "tool"]),
-                       worker_count=st.integers(0, 64), host=st.text(max_size=20), pid=small_int,
-                       loaded_version=st.integers(-1, 10**6)),
-    m.Heartbeat: st.builds(m.Heartbeat, peer_id=ids, seq=small_int, loaded_version=st.integers(-1, 10**6),
-                           unacked_rollouts=small_int, requests_in_flight=small_int),
-    m.Rollout: rollouts(),
-    m.RolloutBatch: st.builds(m.RolloutBatch, rollouts=st.lists(rollouts(), max_size=3), dropped_stale=small_int),
-    m.Ack: st.builds(m.Ack, rollout_ids=st.lists(ids, max_size=5), duplicates=small_int),
-    m.BatchRequest: st.builds(m.BatchRequest, rank=st.integers(0, 64), size=st.integers(1, 4096),
-                              learner_version=small_int, max_lag=small_int),
-    m.WeightsAnnounce: st.builds(m.WeightsAnnounce, version=small_int, epoch=small_int,
-                                 tensors=st.lists(tensor_specs, max_size=4), bucket_bytes=st.integers(1, 2**31),
-                                 group_host=st.text(max_size=20), group_port=st.integers(0, 65535),
-                                 group_world_size=st.integers(0, 128), first_rank=st.integers(0, 128)),
-    m.VersionAck: st.builds(m.VersionAck, peer_id=ids, version=small_int, epoch=small_int, ok=st.booleans(),
-                            pause_seconds=st.floats(0, 100), error=st.text(max_size=30)),
+    m.Hello: st.builds(m.Hello, peer_id=ids, role=st.sampled_from(["actor", "learner", "tool"]), incarnation=ids,
+                       rank=st.integers(0, 64), session=st.text(max_size=20), worker_count=st.integers(0, 64),
+                       host=st.text(max_size=20), pid=small_int, loaded_version=versions_,
+                       loaded_lineage=st.text(max_size=20), committed_version=st.integers(-1, 10**6)),
+    m.Welcome: st.builds(m.Welcome, broker_incarnation=ids, latest_version=versions_, lineage=st.text(max_size=20),
+                         ready=st.booleans()),
+    m.Heartbeat: st.builds(m.Heartbeat, seq=seqs),
     m.StatusRequest: st.just(m.StatusRequest()),
     m.Status: st.builds(
         m.Status,
+        broker_incarnation=ids,
         peers=st.lists(st.builds(m.PeerStatus, peer_id=ids, role=st.sampled_from(["actor", "learner"]),
                                  alive=st.booleans(), loaded_version=st.integers(-1, 100), lag=st.integers(0, 100),
-                                 seconds_since_seen=st.floats(0, 1e6)), max_size=3),
-        latest_version=st.integers(-1, 10**6), epoch=small_int, buffer_depth=small_int,
-        rollouts_per_second=st.floats(0, 1e6), stored_total=small_int, dropped_stale_total=small_int),
-    m.Error: st.builds(m.Error, code=st.sampled_from(["malformed", "unknown_kind", "too_large", "internal"]),
+                                 ready=st.booleans(), seconds_since_seen=st.floats(0, 1e6)), max_size=3),
+        latest_version=versions_, lineage=st.text(max_size=20), epoch=small_int, committed_version=st.integers(-1, 99),
+        buffer_depth=small_int, leased=small_int, rollouts_per_second=st.floats(0, 1e6), stored_total=small_int,
+        consumed_total=small_int, dropped_stale_total=small_int, granted_groups=small_int,
+        update_in_flight=st.booleans()),
+    m.Error: st.builds(m.Error, code=st.sampled_from(["malformed", "unknown_kind", "too_large", "forbidden", "internal"]),
                        message=st.text(max_size=50), ref_msg_id=st.text(max_size=32)),
+    m.SubmitRollouts: st.builds(m.SubmitRollouts, rollouts=st.lists(rollouts(), max_size=3)),
+    m.Ack: st.builds(m.Ack, acked=id_lists, duplicates=small_int, dropped_stale=small_int, retry=id_lists,
+                     retry_reason=st.text(max_size=20),
+                     invalid=st.lists(st.builds(m.RolloutRejection, rollout_id=ids, reason=st.text(max_size=20)),
+                                      max_size=2)),
+    m.GenerationRequest: st.builds(m.GenerationRequest, seq=seqs, groups=st.integers(1, 1000)),
+    m.GenerationGrant: st.builds(m.GenerationGrant, seq=seqs, groups=st.integers(1, 1000), version=versions_),
+    m.BatchRequest: st.builds(m.BatchRequest, rank=st.integers(0, 64), seq=seqs, size=st.integers(1, 4096),
+                              learner_version=versions_, max_lag=small_int),
+    m.RolloutBatch: st.builds(m.RolloutBatch, seq=seqs, learner_version=versions_,
+                              rollouts=st.lists(rollouts(), max_size=3), dropped_stale=small_int),
+    m.PublishRequest: st.builds(m.PublishRequest, version=versions_, tensors=st.lists(tensor_specs, min_size=1, max_size=4),
+                                bucket_bytes=st.integers(1, 2**31)),
+    m.PublishDeferred: st.builds(m.PublishDeferred, version=versions_, reason=st.text(max_size=30)),
+    m.PublishWanted: st.builds(m.PublishWanted, latest_version=versions_, reason=st.text(max_size=30)),
+    m.WeightUpdate: st.builds(m.WeightUpdate, version=versions_, lineage=st.text(max_size=20), epoch=small_int,
+                              group_key=st.text(max_size=60), group_host=st.text(max_size=20),
+                              group_port=st.integers(0, 65535), world_size=st.integers(1, 128),
+                              first_rank=st.integers(0, 128), tensors=st.lists(tensor_specs, max_size=4),
+                              bucket_bytes=st.integers(1, 2**31), discard_above=st.integers(-1, 10**6)),
+    m.UpdateReport: st.builds(m.UpdateReport, version=versions_, epoch=small_int, ok=st.booleans(),
+                              seconds=st.floats(0, 100), error=st.text(max_size=30)),
+    m.Commit: st.builds(m.Commit, version=versions_),
+    m.CommitAck: st.builds(m.CommitAck, version=versions_, consumed=small_int),
 }
 
 
@@ -110,8 +134,10 @@ def _rollout(**changes):
     return base | changes
 
 
-def _raw_message(body: dict, **envelope) -> bytes:
-    fields = dict(kind="rollout", schema=m.SCHEMA_VERSION, sender="s", msg_id="1", body=body) | envelope
+def _raw_message(rollout_body: dict, **envelope) -> bytes:
+    """A SubmitRollouts message carrying one rollout given as a raw map."""
+    fields = dict(kind="submit_rollouts", schema=m.SCHEMA_VERSION, sender="s", msg_id="1",
+                  body={"rollouts": [rollout_body]}) | envelope
     return msgspec.msgpack.encode(fields)
 
 
@@ -121,7 +147,7 @@ def _body(record) -> dict:
 
 def test_arrays_are_raw_little_endian_bytes():
     rollout = m.Rollout(**_rollout())
-    body = msgspec.msgpack.decode(wire.encode(rollout, sender="s"))["body"]
+    body = msgspec.msgpack.decode(wire.encode(m.SubmitRollouts(rollouts=[rollout]), sender="s"))["body"]["rollouts"][0]
     assert body["logprobs"] == {"dtype": "<f4", "shape": [2], "data": np.array([-0.5, -1.0], "<f4").tobytes()}
     assert rollout.versions.numpy().tolist() == [3, 4]
 
@@ -134,10 +160,12 @@ def test_arrays_are_raw_little_endian_bytes():
         ({"logprobs": {"dtype": "<f4", "shape": [2], "data": np.array([-1, 0.5], "<f4").tobytes()}}, "logprobs"),
         ({"logprobs": {"dtype": "<f8", "shape": [2], "data": np.array([-1, -1], "<f8").tobytes()}}, "logprobs"),
         ({"completion_token_ids": {"dtype": "<i4", "shape": [3], "data": b"\0" * 8}}, "array data"),
-        ({"reward": "high"}, "$.body.reward"),
+        ({"reward": "high"}, "$.body.rollouts[0].reward"),
+        ({"prompt_token_ids": {"dtype": "<i4", "shape": [1], "data": np.array([-3], "<i4").tobytes()}}, "negative token id"),
+        ({"group_size": 2**40}, "group_size"),
         ({"reward": float("nan")}, "reward"),
         ({"sampling": {"temperature": 0.0, "max_tokens": 3}}, "temperature"),
-        ({"finish_reason": "exploded"}, "$.body.finish_reason"),
+        ({"finish_reason": "exploded"}, "$.body.rollouts[0].finish_reason"),
         ({"group_size": 0}, "group_size"),
         ({"rollout_id": ""}, "rollout_id"),
         ({"unexpected": 1}, "unexpected"),
@@ -145,7 +173,7 @@ def test_arrays_are_raw_little_endian_bytes():
 )
 def test_invalid_rollout_fields_are_named(change, field_in_message):
     body = _body(m.Rollout(**_rollout())) | change
-    with pytest.raises(WireDecodeError, match=field_in_message.replace("$", r"\$")):
+    with pytest.raises(WireDecodeError, match=re.escape(field_in_message)):
         wire.decode(_raw_message(body))
 
 
@@ -170,6 +198,15 @@ def test_oversized_array_declaration_is_refused_without_allocating():
 def test_encode_refuses_non_records():
     with pytest.raises(TypeError):
         wire.encode(m.SamplingSpec(temperature=1.0, max_tokens=1), sender="s")
+    with pytest.raises(TypeError):  # a rollout travels inside SubmitRollouts or RolloutBatch only
+        wire.encode(m.Rollout(**_rollout()), sender="s")
+
+
+def test_a_publish_request_without_tensors_is_refused():
+    raw = msgspec.msgpack.encode(dict(kind="publish_request", schema=m.SCHEMA_VERSION, sender="s", msg_id="1",
+                                      body={"version": 1, "tensors": [], "bucket_bytes": 8}))
+    with pytest.raises(WireDecodeError, match="tensors must not be empty"):
+        wire.decode(raw)
 
 
 @settings(max_examples=500, deadline=None)
@@ -182,10 +219,10 @@ def test_fuzz_random_bytes_raise_only_decode_error(data):
 
 
 VALID_MESSAGES = [
-    wire.encode(m.Rollout(**_rollout()), sender="actor-0"),
-    wire.encode(m.WeightsAnnounce(version=3, epoch=1, tensors=[m.TensorSpec(name="w", shape=(2, 3), dtype="float32")],
-                                  bucket_bytes=1024), sender="learner"),
-    wire.encode(m.Hello(peer_id="actor-0", role="actor", worker_count=1), sender="actor-0"),
+    wire.encode(m.SubmitRollouts(rollouts=[m.Rollout(**_rollout())]), sender="actor-0"),
+    wire.encode(m.PublishRequest(version=3, tensors=[m.TensorSpec(name="w", shape=(2, 3), dtype="float32")],
+                                 bucket_bytes=1024), sender="learner-0"),
+    wire.encode(m.Hello(peer_id="actor-0", role="actor", incarnation="i", worker_count=1), sender="actor-0"),
 ]
 
 

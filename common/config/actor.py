@@ -101,9 +101,13 @@ class ActorConfig(Section):
     """Unacked rollouts are sent again after this long."""
     num_threads: int = 1
     """torch/OMP threads of the actor process (vLLM's workers are pinned separately)."""
+    max_update_failures: int = 3
+    """Consecutive failed weight updates after which the actor exits (its supervisor restarts it with
+    clean weights): generation stays paused after a failure, so a persistently failing actor is useless."""
 
     def __post_init__(self) -> None:
         self.require(self.max_groups_in_flight >= 1, "max_groups_in_flight", "must be >= 1")
         self.require(self.max_unacked_rollouts >= 1, "max_unacked_rollouts", "must be >= 1")
         self.require(self.resend_interval_s > 0, "resend_interval_s", "must be > 0")
         self.require(self.num_threads >= 1, "num_threads", "must be >= 1")
+        self.require(self.max_update_failures >= 1, "max_update_failures", "must be >= 1")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tether.common.config.actor import ActorConfig
 from tether.common.config.base import Section
@@ -40,8 +41,10 @@ class WeightSyncConfig(Section):
     """torch.distributed backend of the weight group. auto: nccl on CUDA, gloo on CPU."""
     mode: str = "inflight"
     """inflight: actors keep generating across updates; stop_the_world: actors idle while the learner steps."""
-    timeout_s: float = 120.0
-    """Timeout of one broadcast; a peer that misses it is dropped from the epoch."""
+    timeout_s: float = 60.0
+    """Timeout of joining a weight group and of each broadcast in it. A member that misses it fails
+    the update (on CUDA the NCCL communicator is aborted), reports the failure, and the broker
+    re-sends the version to the survivors in a new epoch."""
 
     def __post_init__(self) -> None:
         self.require_choice("backend", ("auto", "gloo", "nccl"))
@@ -84,6 +87,14 @@ class RunConfig(Section):
             "buffer_capacity",
             f"must hold at least one step's rollouts (learner.rollouts_per_step={learner.rollouts_per_step})",
         )
+        self.broker.require(
+            self.broker.update_timeout_s > self.weights.timeout_s,
+            "update_timeout_s",
+            f"must exceed weights.timeout_s ({self.weights.timeout_s}): members stuck in a broadcast must "
+            "time out by themselves before the broker gives up on them",
+        )
+        if self.broker.journal_path == "auto":
+            self.broker.journal_path = str(Path(self.run.dir) / "broker" / "journal.bin")
         if self.weights.mode == "stop_the_world":
             # Strictly on-policy: step s+1 trains only on tokens of version s, which needs every
             # version published (and published through the broker, which enforces the quota).

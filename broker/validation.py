@@ -1,0 +1,42 @@
+"""Rules a rollout must satisfy against the run, beyond what its record type checks.
+
+The decoder already guarantees a well-formed Rollout (common/messages.py). These rules need the
+run's configuration and the version book: who sent it, how long a completion may be, which token
+ids exist, which versions have been published.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tether.common.messages import Rollout
+
+
+@dataclass(frozen=True)
+class RolloutRules:
+    group_size: int
+    """actor.sampling.group_size: every group has exactly this many completions."""
+    max_tokens: int
+    """actor.sampling.max_tokens: the longest completion an actor may produce."""
+    vocab_size: int | None
+    """The model's vocabulary size (None: unknown, token ids are not range-checked)."""
+
+    def problem(self, rollout: Rollout, sender: str, latest_version: int) -> str | None:
+        """Why `rollout` from `sender` is unacceptable, or None when it is fine."""
+        if rollout.actor_id != sender:
+            return f"actor_id {rollout.actor_id!r} is not the sender {sender!r}"
+        if rollout.group_size != self.group_size:
+            return f"group_size {rollout.group_size} differs from actor.sampling.group_size={self.group_size}"
+        n = rollout.num_completion_tokens
+        if n > self.max_tokens:
+            return f"completion of {n} tokens exceeds actor.sampling.max_tokens={self.max_tokens}"
+        if rollout.sampling.max_tokens > self.max_tokens:
+            return f"sampling.max_tokens {rollout.sampling.max_tokens} exceeds actor.sampling.max_tokens={self.max_tokens}"
+        if self.vocab_size is not None:
+            for name in ("prompt_token_ids", "completion_token_ids"):
+                ids = getattr(rollout, name).numpy()
+                if ids.size and int(ids.max()) >= self.vocab_size:
+                    return f"{name} holds token id {int(ids.max())}, outside the vocabulary of {self.vocab_size}"
+        if n and rollout.max_version > latest_version:
+            return f"token version {rollout.max_version} was never published (latest is {latest_version})"
+        return None

@@ -1,0 +1,31 @@
+"""Process lifetime helpers shared by the daemons and the launchers."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(signum: int = signal.SIGKILL) -> bool:
+    """Ask the kernel to send `signum` to this process when its parent dies (Linux only).
+
+    torchrun starts each learner rank in its own process session, so killing torchrun alone (kill
+    -9, or a job step torn down) would otherwise leave the ranks training as orphans. Returns whether
+    the request took effect.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != parent:  # the parent died before the request was in place
+        os.kill(os.getpid(), signum)
+    return True
