@@ -78,13 +78,15 @@ class Ledger:
         dedup_window: int,
         journal: Journal | None = None,
         clock: Callable[[], float] = time.monotonic,
-        compact_every: int | None = None,
+        compact_every: int | None = 0,
     ) -> None:
+        """`compact_every`: rewrite the journal after this many rollouts finished (consumed or
+        dropped); 0: max(4 x capacity, dedup_window); None: never (the journal keeps all history)."""
         self.buffer = RolloutBuffer(capacity)
         self.dedup_window = dedup_window
         self.journal = journal
         self.clock = clock
-        self.compact_every = compact_every if compact_every is not None else max(4 * capacity, dedup_window)
+        self.compact_every = compact_every or (None if compact_every is None else max(4 * capacity, dedup_window))
         self.leases: dict[str, LeaseRecord] = {}
         self._leased_ids: dict[str, str] = {}  # rollout id -> lease key
         self._finished: OrderedDict[str, None] = OrderedDict()  # consumed or dropped, newest last
@@ -320,8 +322,11 @@ class Ledger:
         finally:
             self.journal = journal
 
-    def maybe_compact(self) -> None:
-        if self.journal is not None and self.journal.finished_since_compaction >= self.compact_every:
+    def maybe_compact(self, *, at_start: bool = False) -> None:
+        """Compact when due (or `at_start`, after a replay), unless compaction is off."""
+        if self.journal is None or self.compact_every is None:
+            return
+        if at_start or self.journal.finished_since_compaction >= self.compact_every:
             self.compact()
 
     def compact(self) -> None:

@@ -33,7 +33,9 @@ def build_state(cfg: BrokerConfig, policy: RunPolicy | None = None, clock=time.m
     if cfg.journal_path:
         journal = Journal(cfg.journal_path, fsync=cfg.journal_fsync, fsync_interval_s=cfg.journal_fsync_interval_s,
                           clock=clock)
-    ledger = Ledger(cfg.buffer_capacity, dedup_window=cfg.dedup_window, journal=journal, clock=clock)
+    compact_every = None if cfg.journal_compact_every == -1 else cfg.journal_compact_every
+    ledger = Ledger(cfg.buffer_capacity, dedup_window=cfg.dedup_window, journal=journal, clock=clock,
+                    compact_every=compact_every)
     return BrokerState(cfg, policy, ledger=ledger, clock=clock, key_roles=key_roles)
 
 

@@ -174,7 +174,7 @@ class BrokerState:
             self.updates.epoch_counter = meta.epoch
             self.committed_version = meta.committed_version
         if self.ledger.journal is not None:
-            self.ledger.compact()
+            self.ledger.maybe_compact(at_start=True)
             self.log.info("journal replayed", buffered=self.ledger.depth, leased=self.ledger.leased,
                           latest_version=self.book.latest_version, epoch=self.updates.epoch_counter,
                           **self.ledger.counters())

@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "status": ("tether.broker.status", "the broker's live table: peers, versions, lag, buffer, rollouts/s"),
     "keys": ("tether.broker.keys", "make ZeroMQ CURVE keys for the broker and its clients"),
     "parity": ("tether.launch.parity", "parity doctor: actor vs learner logprobs with each correction on/off"),
+    "chaos": ("tether.launch.chaos", "kill daemons during a real run and prove nothing acked was lost or trained twice"),
 }
 
 

@@ -79,8 +79,11 @@ class Array(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """
 
     dtype: str
+    """numpy dtype string: "<i4", "<i8", "<f4", "<f8", "|u1" or "|b1"."""
     shape: tuple[int, ...]
+    """Dimensions (at most 4)."""
     data: bytes
+    """Raw little-endian C-order bytes."""
 
     def __post_init__(self) -> None:
         if self.dtype not in ALLOWED_ARRAY_DTYPES:
@@ -134,7 +137,9 @@ class SamplingSpec(Record):
     """
 
     temperature: float
+    """Softmax temperature (> 0)."""
     max_tokens: int
+    """Completion length limit."""
     top_k: int = 0
     """0 disables top-k."""
     top_p: float = 1.0
@@ -180,14 +185,19 @@ class Rollout(Record):
     task: str
     """Name of the task that scored it."""
     prompt_token_ids: Array
+    """Prompt tokens ("<i4")."""
     completion_token_ids: Array
+    """Sampled tokens ("<i4")."""
     logprobs: Array
     """Processed logprob of each completion token ("<f4")."""
     versions: Array
     """Weight version that sampled each completion token ("<i4")."""
     reward: float
+    """The task's reward for the completion."""
     sampling: SamplingSpec
+    """How the completion was sampled (the learner replays it)."""
     finish_reason: FinishReason
+    """stop, length or abort."""
     created_at: float = 0.0
     """Unix time the completion finished (information only)."""
 
@@ -235,8 +245,11 @@ class TensorSpec(Record):
     """
 
     name: str
+    """Hugging Face parameter name."""
     shape: tuple[int, ...]
+    """Dimensions."""
     dtype: str
+    """torch dtype name, e.g. "float32", "bfloat16"."""
 
     def __post_init__(self) -> None:
         if not self.name or any(dim < 0 for dim in self.shape):
@@ -257,7 +270,9 @@ class Hello(Record):
 
     KIND: ClassVar[str] = "hello"
     peer_id: str
+    """Unique id of the peer (e.g. actor-3, learner-0); must equal the envelope sender."""
     role: Role
+    """actor, learner or tool. With CURVE, the client key must be authorized for this role."""
     incarnation: str
     """Random id of this process start. A new incarnation of a known peer id is a restart: an actor
     forces a new weight-group epoch; a learner opens a new training session (see `session`)."""
@@ -269,7 +284,9 @@ class Hello(Record):
     worker_count: int = 1
     """Actor: weight-group ranks it contributes (its vLLM workers)."""
     host: str = ""
+    """Host name (information only)."""
     pid: int = 0
+    """Process id (information only)."""
     loaded_version: int = 0
     """Actor: version its engine holds (0 = the model on disk). Learner: its current version."""
     loaded_lineage: str = ""
@@ -312,6 +329,7 @@ class Heartbeat(Record):
 
     KIND: ClassVar[str] = "heartbeat"
     seq: int
+    """Increasing per connection (information only)."""
 
     def __post_init__(self) -> None:
         _check_range("seq", self.seq, 0, (1 << 63) - 1)
@@ -327,8 +345,11 @@ class PeerStatus(Record):
     """One peer in Status."""
 
     peer_id: str
+    """The peer."""
     role: Role
+    """Its role."""
     alive: bool
+    """Heard from within broker.peer_timeout_s."""
     loaded_version: int
     """Actors: version held (-1 when it holds none of the current lineage). Learner ranks: their
     current version."""
@@ -337,6 +358,7 @@ class PeerStatus(Record):
     ready: bool
     """Actors: rollouts accepted now."""
     seconds_since_seen: float
+    """Since its last message."""
 
 
 class Status(Record):
@@ -348,9 +370,13 @@ class Status(Record):
 
     KIND: ClassVar[str] = "status"
     broker_incarnation: str
+    """Random id of the broker process."""
     peers: list[PeerStatus]
+    """Every known peer, dead ones for a while too."""
     latest_version: int
+    """Newest version the learner published."""
     lineage: str
+    """Current lineage (learner session id)."""
     epoch: int
     """Weight-group epoch of the newest update."""
     committed_version: int
@@ -371,6 +397,7 @@ class Status(Record):
     granted_groups: int
     """Groups actors may still start (generation grants not yet delivered)."""
     update_in_flight: bool
+    """Whether a weight update is running."""
 
 
 class Error(Record):
@@ -378,8 +405,12 @@ class Error(Record):
 
     KIND: ClassVar[str] = "error"
     code: ErrorCode
+    """malformed, unknown_kind, schema_mismatch, too_large, rejected, forbidden, not_registered or
+    internal."""
     message: str
+    """What was wrong, for people."""
     ref_msg_id: str = ""
+    """msg_id of the message this answers (empty if unknown)."""
 
 
 # ------------------------------------------------------------------------------------ actors
@@ -394,6 +425,7 @@ class SubmitRollouts(Record):
 
     KIND: ClassVar[str] = "submit_rollouts"
     rollouts: list[Rollout]
+    """Rollouts in any order; a group may span several messages."""
 
     def __post_init__(self) -> None:
         _check_list("rollouts", self.rollouts)
@@ -403,7 +435,9 @@ class RolloutRejection(Record):
     """One rollout the broker will never accept, and why."""
 
     rollout_id: str
+    """The refused rollout."""
     reason: str
+    """The rule it breaks."""
 
 
 class Ack(Record):
@@ -423,6 +457,7 @@ class Ack(Record):
     """Not accepted now (buffer full, or the actor does not hold the current weights): keep them
     and send them again later."""
     retry_reason: str = ""
+    """Why `retry` ids were not accepted."""
     invalid: list[RolloutRejection] = []
     """Never acceptable (they break a validation rule): forget them and report the reason."""
 
@@ -437,7 +472,9 @@ class GenerationRequest(Record):
 
     KIND: ClassVar[str] = "generation_request"
     seq: int
+    """Increasing per actor; the grant answering it carries it back."""
     groups: int
+    """How many more groups the actor would start now."""
 
     def __post_init__(self) -> None:
         _check_range("groups", self.groups, 1, MAX_LIST_ITEMS)
@@ -449,7 +486,9 @@ class GenerationGrant(Record):
 
     KIND: ClassVar[str] = "generation_grant"
     seq: int
+    """The request this answers (a request may be answered by several grants)."""
     groups: int
+    """Groups the actor may start now (>= 1)."""
     version: int
     """The version the grant was computed for (the actor's loaded version)."""
 
@@ -468,12 +507,16 @@ class BatchRequest(Record):
 
     KIND: ClassVar[str] = "batch_request"
     rank: int
+    """The learner's torchrun rank (equals the sender's Hello rank)."""
     seq: int
     """Per rank and session, increasing: a new seq asks for a new lease."""
     size: int
+    """Rollouts wanted, in whole groups (a group larger than size is served alone)."""
     learner_version: int
     """The learner's version: the batch trains the step from this version to the next."""
     max_lag: int
+    """learner.max_lag: groups with a token older than learner_version - max_lag are dropped
+    (counted) before serving."""
 
     def __post_init__(self) -> None:
         _check_range("rank", self.rank, 0)
@@ -492,8 +535,11 @@ class RolloutBatch(Record):
 
     KIND: ClassVar[str] = "rollout_batch"
     seq: int
+    """The BatchRequest this answers."""
     learner_version: int
+    """The step the lease is for (its BatchRequest.learner_version)."""
     rollouts: list[Rollout]
+    """Whole groups."""
     dropped_stale: int = 0
     """Rollouts the broker dropped as stale since the previous batch it served (to any rank)."""
 
@@ -508,8 +554,11 @@ class PublishRequest(Record):
 
     KIND: ClassVar[str] = "publish_request"
     version: int
+    """The learner's current version (optimizer steps taken)."""
     tensors: list[TensorSpec]
+    """What will be broadcast, in order (Hugging Face names, shapes, dtypes)."""
     bucket_bytes: int
+    """Bucket size of the broadcast (both sides compute the same bucket plan)."""
 
     def __post_init__(self) -> None:
         _check_range("version", self.version, 0)
@@ -528,7 +577,9 @@ class PublishDeferred(Record):
 
     KIND: ClassVar[str] = "publish_deferred"
     version: int
+    """The version the request offered (recorded as the latest)."""
     reason: str
+    """Why nothing is broadcast now."""
 
 
 class PublishWanted(Record):
@@ -537,7 +588,9 @@ class PublishWanted(Record):
 
     KIND: ClassVar[str] = "publish_wanted"
     latest_version: int
+    """The broker's latest version."""
     reason: str
+    """Which actors lack it."""
 
 
 class WeightUpdate(Record):
@@ -552,16 +605,25 @@ class WeightUpdate(Record):
 
     KIND: ClassVar[str] = "weight_update"
     version: int
+    """The version to transfer."""
     lineage: str
     """Lineage (learner session) the version belongs to."""
     epoch: int
+    """Weight-group epoch number (never repeats)."""
     group_key: str
+    """Rendezvous key prefix of the epoch on the TCPStore (includes a random secret)."""
     group_host: str
+    """Address of the TCPStore (the broker host)."""
     group_port: int
+    """Port of the TCPStore (broker.store_port)."""
     world_size: int
+    """1 (the learner) + the workers of every receiving actor."""
     first_rank: int
+    """The receiver's first group rank (its workers take consecutive ranks); 0 for the learner."""
     tensors: list[TensorSpec]
+    """The tensors in broadcast order."""
     bucket_bytes: int
+    """Bucket size (see tether.common.weight_group.bucket_plan)."""
     discard_above: int = -1
     """Actors: tokens generated with a version above this belong to an abandoned lineage (the
     learner resumed from an older checkpoint): discard unsent rollouts and running groups that
@@ -573,11 +635,15 @@ class UpdateReport(Record):
 
     KIND: ClassVar[str] = "update_report"
     version: int
+    """The WeightUpdate this reports on."""
     epoch: int
+    """Its epoch."""
     ok: bool = True
+    """Loaded (actor) or broadcast (learner) completely."""
     seconds: float = 0.0
     """Actors: the generation pause; learner: gather plus broadcast."""
     error: str = ""
+    """Why not, when ok is false."""
 
     def __post_init__(self) -> None:
         _check_finite("seconds", self.seconds)
@@ -592,6 +658,7 @@ class Commit(Record):
 
     KIND: ClassVar[str] = "commit"
     version: int
+    """Version of the completed checkpoint."""
 
     def __post_init__(self) -> None:
         _check_range("version", self.version, 0)
@@ -602,6 +669,7 @@ class CommitAck(Record):
 
     KIND: ClassVar[str] = "commit_ack"
     version: int
+    """The Commit this answers."""
     consumed: int
     """Rollouts this commit turned from leased into consumed."""
 

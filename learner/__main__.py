@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         host, port, size = cfg.static_group.rsplit(":", 2)
         rendezvous = StaticRendezvous(host, int(port), int(size))
 
-    learner = Learner(config, _model_dir(config), source=source, rendezvous=rendezvous)
+    learner = Learner(config, _model_dir(config), source=source, rendezvous=rendezvous, session=session)
     if connection is not None:
         connection.start()
         welcome = link.register(config.broker.connect_timeout_s)

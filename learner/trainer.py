@@ -29,6 +29,7 @@ from tether.common.logging import get_logger
 from tether.learner.algorithms import LossInput, LossParams, get_algorithm
 from tether.learner.batch import MicroBatch, prepare_batch
 from tether.learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from tether.learner.consumption_log import ConsumptionLog
 from tether.learner.logprobs import processed_entropy, processed_logprobs
 from tether.learner.metrics import MetricsWriter, StepMetrics, drop_records_after
 from tether.learner.model import completion_logits, load_policy, resolve_body_dtype, resolve_device
@@ -88,7 +89,10 @@ class Learner:
         source: BatchSource,
         rendezvous: Rendezvous | None = None,
         shard: bool | None = None,
+        session: str = "",
     ):
+        """`session` names this training session (all ranks of one launch); with it, each rank logs
+        which rollouts it received for which step (learner/consumption_log.py)."""
         self.config = config
         cfg = config.learner
         self.model_dir = Path(model_dir)
@@ -144,6 +148,9 @@ class Learner:
                 log.warning("metrics of steps after the resumed checkpoint moved aside", steps=moved,
                             version=self.version)
             self.writer = MetricsWriter(self.run_dir)
+        self.consumption = ConsumptionLog(self.run_dir, self.rank, session) if session else None
+        if self.consumption is not None:
+            self.consumption.start(self.version)
 
     # ---- one optimizer step -------------------------------------------------------------------
 
@@ -243,6 +250,8 @@ class Learner:
             if wanted:
                 self.publish()
             if not waiting:
+                if self.consumption is not None:
+                    self.consumption.record(self.version, batch.rollouts)
                 return batch
 
     def _publish_wanted(self) -> bool:

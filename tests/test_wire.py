@@ -255,3 +255,17 @@ def test_truncations_of_valid_messages_raise_only_decode_error():
         for cut in range(len(data)):
             with pytest.raises(WireDecodeError):
                 wire.decode(data[:cut])
+
+
+def test_every_record_field_is_documented_and_the_protocol_document_is_current():
+    from pathlib import Path
+
+    from tether.common.docstrings import field_docs
+    from tether.common.wire_reference import NESTED, refresh
+
+    for cls in [*m.BODY_TYPES.values(), *NESTED]:
+        undocumented = [f.name for f in msgspec.structs.fields(cls) if f.name not in field_docs(cls)]
+        assert not undocumented, f"{cls.__name__} fields without a docstring: {undocumented}"
+    document = Path(__file__).resolve().parents[1] / "docs" / "wire-protocol.md"
+    assert document.read_text() == refresh(document.read_text()), \
+        "docs/wire-protocol.md is stale: python -m tether.common.wire_reference --write docs/wire-protocol.md"

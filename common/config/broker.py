@@ -50,6 +50,10 @@ class BrokerConfig(Section):
     a machine crash can lose the un-fsynced tail."""
     journal_fsync_interval_s: float = 1.0
     """Seconds between fsyncs of the journal when journal_fsync=interval."""
+    journal_compact_every: int = 0
+    """Rewrite the journal after this many rollouts were consumed or dropped since the last rewrite.
+    0: max(4 x buffer_capacity, dedup_window); -1: never (the journal then keeps the whole history,
+    which an exactly-once audit reads)."""
     dedup_window: int = 100_000
     """Consumed or dropped rollout ids remembered for de-duplication, across restarts too (oldest
     forgotten first). Resends arrive within seconds; this covers far more than that."""
@@ -80,6 +84,7 @@ class BrokerConfig(Section):
         self.require(self.incomplete_group_ttl_s > 0, "incomplete_group_ttl_s", "must be > 0")
         self.require_choice("journal_fsync", ("always", "interval", "never"))
         self.require(self.journal_fsync_interval_s > 0, "journal_fsync_interval_s", "must be > 0")
+        self.require(self.journal_compact_every >= -1, "journal_compact_every", "must be >= -1")
         self.require(self.dedup_window >= 0, "dedup_window", "must be >= 0")
         self.require(self.max_peers >= 1, "max_peers", "must be >= 1")
         self.require(self.send_hwm >= 1, "send_hwm", "must be >= 1")

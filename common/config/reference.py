@@ -7,30 +7,12 @@ Regenerate with: python -m tether.common.config.reference > docs/config.md
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import inspect
 import sys
-import textwrap
 
 from tether.common.config.run import RunConfig
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """Map each field of dataclass `cls` to the string literal that follows it in the source."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
-    docs = {}
-    for node, following in zip(body, body[1:], strict=False):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(following, ast.Expr)
-            and isinstance(following.value, ast.Constant)
-            and isinstance(following.value.value, str)
-        ):
-            docs[node.target.id] = " ".join(following.value.value.split())
-    return docs
+from tether.common.docstrings import field_docs
 
 
 def _default(field: dataclasses.Field) -> str:
