@@ -29,10 +29,11 @@ reloaded, or the wrong logprob mode all show up there. The bf16 rows start direc
 Columns: mean and max |delta| (learner minus actor, per token), KL(actor || learner) estimated on
 the actor's samples (k1: mean of logp_actor - logp_learner), the fraction of tokens with
 |delta| > 1e-3, and the learner's metrics for one step on that batch: kl_new_old (k3, as the trainer
-computes it) and the clip fraction from the learner's algorithm code (learner.algorithm, grpo by
-default) with synthetic group-normalised advantages (clip activity depends only on the ratio and the
-advantage's sign). Tokens the learner's top-k/top-p could not have produced (logprob -inf) are
-counted apart (`outside`), as the trainer does.
+computes it), ratio_outside_trust_region (`outside TR`) and clipped_fraction (`clipped`) from the
+learner's algorithm code (learner.algorithm, grpo by default) with synthetic group-normalised
+advantages (clip activity depends only on the ratio and the advantage's sign). Tokens the
+learner's top-k/top-p could not have produced (logprob -inf) are counted apart (`outside`), as the
+trainer does.
 
 Update-path check: the batch B of the all-on engine (requests started after an in-flight update)
 against an engine freshly started on W1 with the same prompts and seeds: tokens must be identical
@@ -308,7 +309,8 @@ def row_metrics(actor: list[np.ndarray], learner: list[np.ndarray], algorithm: s
         "kl_actor_learner_k1": float(-d.mean()) if d.size else float("nan"),
         "frac_abs_delta_gt_1e-3": float((absd > DELTA_THRESHOLD).mean()) if absd.size else float("nan"),
         "kl_new_old": float((torch.exp(dd) - 1 - dd).mean()),
-        "clip_fraction": float(out.metrics["clamp_log_ratio_new_old_indicator"]),
+        "ratio_outside_trust_region": float(out.metrics["ratio_outside_trust_region"]),
+        "clipped_fraction": float(out.metrics["clipped_fraction"]),
     }
 
 
@@ -468,13 +470,14 @@ def format_report(report: dict) -> str:
         " bf16 rows: engines started on W1 (" + report["head_rows_note"] + ").",
         "",
         f"{'configuration':34} {'mean|d|':>9} {'max|d|':>9} {'KL(a||l)':>9} {'|d|>1e-3':>8} {'outside':>7} "
-        f"{'kl_new_old':>10} {'clip':>6} {'pause_s':>7} {'discarded':>9}",
+        f"{'kl_new_old':>10} {'outside TR':>10} {'clipped':>7} {'pause_s':>7} {'discarded':>9}",
     ]
     for r in report["rows"]:
         pause = "-" if r["update_pause_s"] is None else f"{r['update_pause_s']:.2f}"
         lines.append(f"{r['config']:34} {r['mean_abs_delta']:9.2e} {r['max_abs_delta']:9.2e} "
                      f"{r['kl_actor_learner_k1']:9.2e} {r['frac_abs_delta_gt_1e-3']:8.3f} {r['outside_support']:7d} "
-                     f"{r['kl_new_old']:10.2e} {r['clip_fraction']:6.3f} {pause:>7} {r['tokens_discarded']:9d}")
+                     f"{r['kl_new_old']:10.2e} {r['ratio_outside_trust_region']:10.3f} {r['clipped_fraction']:7.3f} "
+                     f"{pause:>7} {r['tokens_discarded']:9d}")
     c = report["update_check"]
     lines += [
         "",

@@ -139,7 +139,7 @@ def test_loss_falls_and_metrics_are_reported(fsdp_run):
     assert first["parity_lag0_max"] < 1e-4
     assert first["lag_max"] == 0 and rows[2]["lag_min"] == 2
     assert rows[1]["parity_lag0_tokens"] == 0  # the fixed batch is lag 1 at step 2: not parity tokens
-    for key in ("reward_mean", "reward_std", "kl_new_old", "clamp_log_ratio_new_old_indicator", "entropy",
+    for key in ("reward_mean", "reward_std", "kl_new_old", "ratio_outside_trust_region", "clipped_fraction", "entropy",
                 "grad_norm", "tokens_per_s", "samples_dropped"):
         assert all(r[key] is not None for r in rows), key
     assert rows[2]["kl_new_old"] > 0

@@ -34,7 +34,7 @@ def test_all_on_row_is_at_the_fp32_floor(doctor):
     assert on["tokens"] == 8 * 12
     assert on["mean_abs_delta"] < 1e-5 and on["max_abs_delta"] < 1e-4
     assert on["outside_support"] == 0 and on["frac_abs_delta_gt_1e-3"] == 0.0
-    assert on["clip_fraction"] == 0.0 and on["kl_new_old"] < 1e-8
+    assert on["ratio_outside_trust_region"] == 0.0 and on["clipped_fraction"] == 0.0 and on["kl_new_old"] < 1e-8
     assert on["effective"]["logprobs_mode"] == "processed_logprobs"
 
 
