@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -83,6 +84,32 @@ def test_config_checks_need_no_torch():
             "load_config(None, ['learner.algorithm=rloo']); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_every_config_dataclass_is_keyword_only_and_documents_every_field():
+    """The house style: @dataclass(kw_only=True) and a docstring under every field, nested ones too."""
+    from tether.common.config import base
+    from tether.common.config.reference import field_docs
+
+    classes = [cls for module in _config_modules() for cls in vars(module).values()
+               if dataclasses.is_dataclass(cls) and isinstance(cls, type) and issubclass(cls, base.Section)]
+    assert {c.__name__ for c in classes} >= {"RunConfig", "LearnerConfig", "BrokerConfig", "EngineConfig"}
+    for cls in classes:
+        params = dataclasses.fields(cls)
+        assert all(f.kw_only for f in params), f"{cls.__name__} is not @dataclass(kw_only=True)"
+        missing = [f.name for f in params if f.name not in field_docs(cls)]
+        assert not missing, f"{cls.__name__} fields without a docstring: {missing}"
+        with pytest.raises(TypeError):
+            cls(*[getattr(cls(), f.name) for f in params[:1]])  # positional arguments are refused
+
+
+def _config_modules():
+    import importlib
+    import pkgutil
+
+    import tether.common.config as package
+
+    return [importlib.import_module(f"{package.__name__}.{info.name}") for info in pkgutil.iter_modules(package.__path__)]
 
 
 def test_bad_file_names_the_key(tmp_path):
