@@ -17,19 +17,14 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
-import socket
 import tempfile
 import time
 from pathlib import Path
 
+from tether.common.net import free_port
+
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _bare_peer(port: int, rank: int, nbytes: int, out) -> None:
@@ -48,7 +43,7 @@ def _bare_peer(port: int, rank: int, nbytes: int, out) -> None:
 def bare_broadcast_s(nbytes: int) -> float:
     from torch.distributed import TCPStore
 
-    port = _port()
+    port = free_port()
     store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
@@ -115,7 +110,7 @@ async def _pause(engine, model_dir: Path, tmp: Path, epoch: int, version: int) -
     state = perturbed_state(load_state(model_dir), 0.05, seed=epoch)
     path = tmp / f"state-{epoch}.pt"
     torch.save(state, path)
-    port = _port()
+    port = free_port()
     store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
     bucket = 32 << 20
     announce = WeightsAnnounce(version=version, epoch=epoch, tensors=tensor_specs(state.items()), bucket_bytes=bucket,

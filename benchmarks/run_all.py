@@ -26,6 +26,8 @@ import threading
 import time
 from pathlib import Path
 
+from tether.common.net import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -52,14 +54,6 @@ def run_module(name: str, args: list[str], timeout_s: float) -> dict:
 
 
 # ------------------------------------------------------------------ in-flight vs stop-the-world race
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def mode_overrides(mode: str) -> list[str]:
     """Overrides selecting a weights mode; stop-the-world is strictly on-policy, so it requires max_lag=0."""
     return [f"weights.mode={mode}"] + (["learner.max_lag=0"] if mode == "stop_the_world" else [])
@@ -83,7 +77,7 @@ def race_one(mode: str, model: str, run_dir: Path, steps: int, seed: int, timeou
     run_dir.mkdir(parents=True, exist_ok=True)
     metrics = run_dir / "metrics.jsonl"
     # Free ports: other tether runs on this machine may hold the defaults.
-    overrides = [f"broker.port={_free_port()}", f"broker.store_port={_free_port()}", f"run.dir={run_dir}", f"model.path={model}", f"learner.steps={steps}", f"run.seed={seed}",
+    overrides = [f"broker.port={free_port()}", f"broker.store_port={free_port()}", f"run.dir={run_dir}", f"model.path={model}", f"learner.steps={steps}", f"run.seed={seed}",
                  *mode_overrides(mode)]
     env = dict(os.environ, PYTHON=sys.executable)
     start = time.perf_counter()

@@ -50,7 +50,6 @@ import json
 import multiprocessing as mp
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -58,6 +57,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from tether.common.net import free_port
 
 FLOOR = 1e-5
 """Mean |delta| at or below this is the fp32 floor (measured ~1e-7; headroom for batch effects)."""
@@ -100,12 +101,6 @@ BF16_VARIANTS = (
 
 
 # ------------------------------------------------------------------------- weights and prompts
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def write_model_dir(src: Path, dst: Path, state: dict) -> Path:
     """A copy of the HF model directory `src` whose weights are `state` (safetensors)."""
     from safetensors.torch import save_file
@@ -145,7 +140,7 @@ class _UpdateSource:
 
         from tether.common.messages import WeightsAnnounce
 
-        port = _port()
+        port = free_port()
         self.store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
         self.announce = WeightsAnnounce(version=version, epoch=epoch, tensors=specs, bucket_bytes=bucket_bytes,
                                         group_host="127.0.0.1", group_port=port, group_world_size=2, first_rank=1)

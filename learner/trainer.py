@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from tether.common.config import RunConfig
+from tether.common.device import torch_device, torch_dtype
 from tether.common.logging import get_logger
 from tether.learner.algorithms import LossInput, LossParams, get_algorithm
 from tether.learner.algorithms.core import AdvantageParams
@@ -33,7 +34,7 @@ from tether.learner.checkpoint import latest_checkpoint, load_checkpoint, save_c
 from tether.learner.gradients import clip_gradients
 from tether.learner.logprobs import processed_entropy, processed_logprobs
 from tether.learner.metrics import MetricsWriter, StepMetrics
-from tether.learner.model import completion_logits, load_policy, resolve_body_dtype, resolve_device
+from tether.learner.model import completion_logits, load_policy
 from tether.learner.publish import PublishStats, Rendezvous, WeightPublisher
 from tether.learner.source import BatchSource
 
@@ -104,8 +105,8 @@ class Learner:
         self.rank = dist.get_rank() if distributed else 0
         self.world_size = dist.get_world_size() if distributed else 1
         self.shard = distributed if shard is None else shard
-        self.device = resolve_device(config.run.device)
-        self.body_dtype = resolve_body_dtype(config.model.dtype, self.device)
+        self.device = torch_device(config.run.device)
+        self.body_dtype = torch_dtype(config.model.dtype, self.device)
         self.fp32_lm_head = config.model.fp32_lm_head
         torch.manual_seed(config.run.seed)
         self.model = load_policy(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import multiprocessing as mp
-import socket
 
 import numpy as np
 import pytest
@@ -28,6 +27,7 @@ from tether.actor.testing import (
 from tether.common.config import EngineConfig, ModelConfig
 from tether.common.errors import ConfigError
 from tether.common.messages import WeightsAnnounce
+from tether.common.net import free_port
 from tether.common.weight_group import tensor_specs
 
 pytestmark = pytest.mark.slow
@@ -186,9 +186,7 @@ def test_d_inflight_update_mid_generation(loop, engine, model_dir, tmp_path):
     old_state = load_state(model_dir)
     new_state = perturbed_state(old_state, scale=0.3, seed=1)
     torch.save(new_state, tmp_path / "new.pt")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)  # the broker's store
     bucket_bytes = 64 * 1024
     announce = WeightsAnnounce(version=1, epoch=1, tensors=tensor_specs(new_state.items()), bucket_bytes=bucket_bytes,
@@ -274,9 +272,7 @@ def test_updates_reuse_the_epoch_group_and_rejoin_on_a_new_epoch(loop, engine, m
     from torch.distributed import TCPStore
 
     base = load_state(model_dir)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
     first_version = engine.version + 1
     plan = []
