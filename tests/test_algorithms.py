@@ -181,6 +181,16 @@ def test_extreme_behaviour_logprob_gives_finite_loss_and_gradient(name):
     assert all(torch.isfinite(v).all() for v in out.metrics.values())
 
 
+def test_kl_penalty_stays_finite_where_the_policy_fell_far_below_the_reference():
+    logprobs = torch.tensor([[-100.0, -0.5]], requires_grad=True)
+    out = get_algorithm("grpo").loss(
+        _input(logprobs, logprobs.detach().clone(), torch.tensor([1.0]), torch.ones(1, 2), ref_logprobs=torch.zeros(1, 2)),
+        LossParams(kl_coef=0.1))
+    out.loss.backward()
+    assert torch.isfinite(out.loss) and torch.isfinite(logprobs.grad).all()
+    assert logprobs.grad[0, 1].item() != 0  # the unclamped token still feels the penalty
+
+
 def test_clamped_token_takes_the_clipped_value_without_gradient():
     """Where the log ratio is clamped, the token's loss is what the clip gives an enormous ratio:
     1 + clip_high for A > 0, the dual clip c for A < 0; neither passes a gradient."""

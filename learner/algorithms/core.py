@@ -164,8 +164,11 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """Per-token estimate of KL(pi || pi_ref) on samples from pi: exp(d) - d - 1 with d = ref - logp (>= 0)."""
-    log_ratio = ref_logprobs - logprobs
+    """Per-token estimate of KL(pi || pi_ref) on samples from pi: exp(d) - d - 1 with d = ref - logp (>= 0).
+
+    d is clamped like the policy ratio's log (clamp_log_ratio): exp(d) must not overflow either.
+    """
+    log_ratio = clamp_log_ratio(ref_logprobs - logprobs)
     return torch.exp(log_ratio) - log_ratio - 1.0
 
 
