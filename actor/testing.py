@@ -110,3 +110,27 @@ def mixed_kv_logprobs(old_model, new_model, prompt: list[int], completion: list[
     hidden = new_model.model(input_ids=rest, past_key_values=cache, use_cache=True).last_hidden_state[0]
     logits = _head_logits(new_model, hidden)
     return processed_logprobs(logits, torch.tensor(completion[switch:]), temperature, top_k, top_p)
+
+
+def send_states(port: int, plan: list[tuple[int, str]], bucket_bytes: int, *, timeout_s: float = 120.0,
+                backend: str = "gloo") -> None:
+    """The learner's side of weight updates, for a spawned process in tests, benchmarks and `tether parity`.
+
+    For each (epoch, state_path) of `plan`: join that epoch's weight group on the TCPStore at
+    127.0.0.1:`port` as rank 0 of 2 (once per epoch, kept across its versions, as the learner keeps
+    it) and broadcast the state saved at `state_path` (torch.save of a name -> tensor dict).
+    """
+    from tether.common.weight_group import WeightSender, join_weight_group
+
+    torch.set_num_threads(1)
+    group = None
+    try:
+        for epoch, state_path in plan:
+            if group is None or group.epoch != epoch:
+                if group is not None:
+                    group.close()
+                group = join_weight_group("127.0.0.1", port, epoch, 0, 2, backend=backend, timeout_s=timeout_s)
+            WeightSender(group, bucket_bytes).broadcast(list(torch.load(state_path).items()))
+    finally:
+        if group is not None:
+            group.close()

@@ -57,17 +57,6 @@ def bare_broadcast_s(nbytes: int) -> float:
     return times[1]
 
 
-def _sender(port: int, epoch: int, state_path: str, bucket_bytes: int) -> None:
-    import torch
-
-    from tether.common.weight_group import WeightSender, join_weight_group
-
-    torch.set_num_threads(1)
-    state = torch.load(state_path)
-    with join_weight_group("127.0.0.1", port, epoch, 0, 2, backend="gloo", timeout_s=120) as group:
-        WeightSender(group, bucket_bytes).broadcast(list(state.items()))
-
-
 async def _throughput(engine, prompts, max_tokens: int, trials: int) -> dict:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
@@ -103,7 +92,7 @@ async def _pause(engine, model_dir: Path, tmp: Path, epoch: int, version: int) -
     from torch.distributed import TCPStore
     from vllm import SamplingParams
 
-    from tether.actor.testing import load_state, perturbed_state
+    from tether.actor.testing import load_state, perturbed_state, send_states
     from tether.common.messages import WeightsAnnounce
     from tether.common.weight_group import tensor_specs
 
@@ -116,7 +105,7 @@ async def _pause(engine, model_dir: Path, tmp: Path, epoch: int, version: int) -
     announce = WeightsAnnounce(version=version, epoch=epoch, tensors=tensor_specs(state.items()), bucket_bytes=bucket,
                                group_host="127.0.0.1", group_port=port, group_world_size=2, first_rank=1)
     # Sender process started and joined-waiting before the pause, as a learner would be.
-    sender = mp.get_context("spawn").Process(target=_sender, args=(port, epoch, str(path), bucket))
+    sender = mp.get_context("spawn").Process(target=send_states, args=(port, [(epoch, str(path))], bucket))
     sender.start()
     await asyncio.sleep(4.0)
     gen = [asyncio.ensure_future(engine.generate([5 + i, 9, 17], SamplingParams(max_tokens=48, logprobs=0, seed=i,

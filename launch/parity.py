@@ -120,32 +120,21 @@ def make_prompts(n: int, prefix_len: int, seed: int) -> list[list[int]]:
     return [prefix + rng.integers(3, 250, 4 + i % 5).tolist() for i in range(n)]
 
 
-def _sender_main(port: int, epoch: int, state_path: str, bucket_bytes: int) -> None:
-    """The learner's side of one update: rank 0 of the epoch's gloo group, broadcast of the new state."""
-    import torch
-
-    from tether.common.weight_group import WeightSender, join_weight_group
-
-    torch.set_num_threads(1)
-    state = torch.load(state_path)
-    with join_weight_group("127.0.0.1", port, epoch, 0, 2, backend="gloo", timeout_s=120) as group:
-        WeightSender(group, bucket_bytes).broadcast(list(state.items()))
-
-
 class _UpdateSource:
     """A TCPStore (the broker's role) and a sender process (the learner's) for one weight update."""
 
     def __init__(self, state_path: Path, specs, epoch: int, version: int, bucket_bytes: int = 8 << 20):
         from torch.distributed import TCPStore
 
+        from tether.actor.testing import send_states
         from tether.common.messages import WeightsAnnounce
 
         port = free_port()
         self.store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
         self.announce = WeightsAnnounce(version=version, epoch=epoch, tensors=specs, bucket_bytes=bucket_bytes,
                                         group_host="127.0.0.1", group_port=port, group_world_size=2, first_rank=1)
-        self.process = mp.get_context("spawn").Process(target=_sender_main,
-                                                       args=(port, epoch, str(state_path), bucket_bytes))
+        self.process = mp.get_context("spawn").Process(target=send_states,
+                                                       args=(port, [(epoch, str(state_path))], bucket_bytes))
         # Started before the engine pauses, as a learner is ready before it announces.
         self.process.start()
 

@@ -23,6 +23,7 @@ from tether.actor.testing import (
     mixed_kv_logprobs,
     perturbed_state,
     reference_logprobs,
+    send_states,
 )
 from tether.common.config import EngineConfig, ModelConfig
 from tether.common.errors import ConfigError
@@ -170,15 +171,6 @@ def test_rollout_pump_groups_rewards_and_backpressure(loop, engine, model_dir):
     assert len({r.rollout_id for r in sink.received}) == 20
 
 
-def _sender_main(port: int, epoch: int, state_path: str, bucket_bytes: int) -> None:
-    from tether.common.weight_group import WeightSender, join_weight_group
-
-    torch.set_num_threads(1)
-    state = torch.load(state_path)
-    with join_weight_group("127.0.0.1", port, epoch, 0, 2, backend="gloo", timeout_s=60) as group:
-        WeightSender(group, bucket_bytes).broadcast(list(state.items()))
-
-
 def test_d_inflight_update_mid_generation(loop, engine, model_dir, tmp_path):
     from torch.distributed import TCPStore
     from vllm.sampling_params import RequestOutputKind
@@ -208,8 +200,8 @@ def test_d_inflight_update_mid_generation(loop, engine, model_dir, tmp_path):
         tasks = [asyncio.ensure_future(one(i, p)) for i, p in enumerate(PROMPTS)]
         while min(counts) < 4:  # every request is past its prefill and a few tokens in
             await asyncio.sleep(0.005)
-        sender = mp.get_context("spawn").Process(target=_sender_main,
-                                                  args=(port, 1, str(tmp_path / "new.pt"), bucket_bytes))
+        sender = mp.get_context("spawn").Process(target=send_states, args=(port, [(1, str(tmp_path / "new.pt"))], bucket_bytes),
+                                                  kwargs={"timeout_s": 60})
         sender.start()
         result = await engine.update_weights(announce)
         done = await asyncio.gather(*tasks)
@@ -251,20 +243,6 @@ def test_d_inflight_update_mid_generation(loop, engine, model_dir, tmp_path):
     assert np.median(after_old) > 1e-2  # inf where the old weights could not have sampled the token
 
 
-def _multi_sender_main(port: int, plan: list[tuple[int, str]], bucket_bytes: int) -> None:
-    """Rank 0 of successive weight groups: one group per epoch, kept across that epoch's versions."""
-    from tether.common.weight_group import WeightSender, join_weight_group
-
-    group = None
-    for epoch, state_path in plan:
-        if group is None or group.epoch != epoch:
-            if group is not None:
-                group.close()
-            group = join_weight_group("127.0.0.1", port, epoch, 0, 2, backend="gloo", timeout_s=60)
-        WeightSender(group, bucket_bytes).broadcast(list(torch.load(state_path).items()))
-    group.close()
-
-
 def test_updates_reuse_the_epoch_group_and_rejoin_on_a_new_epoch(loop, engine, model_dir, tmp_path):
     """Several versions in one epoch travel over one group (as the learner keeps it), then a new epoch
     forms a new group. Re-forming a group per update on the same epoch's store prefix would read the
@@ -280,8 +258,8 @@ def test_updates_reuse_the_epoch_group_and_rejoin_on_a_new_epoch(loop, engine, m
         state = perturbed_state(base, scale=0.05 * (i + 1), seed=50 + i)
         torch.save(state, tmp_path / f"v{i}.pt")
         plan.append((epoch, str(tmp_path / f"v{i}.pt"), state))
-    sender = mp.get_context("spawn").Process(target=_multi_sender_main,
-                                              args=(port, [(e, p) for e, p, _ in plan], 64 * 1024))
+    sender = mp.get_context("spawn").Process(target=send_states, args=(port, [(e, p) for e, p, _ in plan], 64 * 1024),
+                                              kwargs={"timeout_s": 60})
     sender.start()
     try:
         for i, (epoch, _, state) in enumerate(plan):
