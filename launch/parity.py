@@ -190,7 +190,8 @@ async def keep_cycle(engine, prompts, sampling, max_tokens, source: _UpdateSourc
     source.close()
     batch_b = await _batch(engine, prompts, sampling, max_tokens, 2000, "B")
     spanning = sum(1 for c in batch_a if c is not None and len(set(c.versions.tolist())) > 1)
-    return {"batch_a": batch_a, "batch_b": batch_b, "pause_s": result.pause_s, "tokens_discarded": 0,
+    discarded = sum(counts[i] for i, c in enumerate(batch_a) if c is None)  # measured, as in abort_cycle
+    return {"batch_a": batch_a, "batch_b": batch_b, "pause_s": result.pause_s, "tokens_discarded": discarded,
             "tokens_at_update": tokens_at_update, "sequences_spanning_update": spanning,
             "update_to_batch_done_s": None}
 
