@@ -21,7 +21,7 @@ from tether.actor.broker_link import ActorLink
 from tether.actor.engine import ActorEngine, WeightUpdateError
 from tether.actor.rollouts import GroupGenerator, RolloutPump
 from tether.common.config.run import RunConfig
-from tether.common.devices import resolve_device
+from tether.common.device import resolve_device
 from tether.common.logging import get_logger
 from tether.common.messages import WeightUpdate
 

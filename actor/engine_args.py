@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass
 
 from tether.common.config import EngineConfig, ModelConfig
+from tether.common.device import resolve_dtype
 from tether.common.errors import ConfigError
 
 FP32_HEAD_QUANTIZATION = "tether_fp32_head"
@@ -56,12 +57,6 @@ def check_parity(engine: EngineConfig) -> list[str]:
     return violations
 
 
-def resolve_dtype(model: ModelConfig, device: str) -> str:
-    if model.dtype != "auto":
-        return model.dtype
-    return "bfloat16" if device == "cuda" else "float32"
-
-
 def engine_kwargs(engine: EngineConfig, model: ModelConfig, model_path: str, device: str = "cpu") -> dict:
     """Keyword arguments for vllm.LLM / AsyncEngineArgs with every numerics setting explicit.
 
@@ -78,7 +73,7 @@ def engine_kwargs(engine: EngineConfig, model: ModelConfig, model_path: str, dev
     return dict(
         model=model_path,
         tokenizer=model_path,
-        dtype=resolve_dtype(model, device),
+        dtype=resolve_dtype(model.dtype, device),
         seed=engine.seed,
         logprobs_mode=engine.logprobs_mode,
         enable_prefix_caching=engine.enable_prefix_caching,

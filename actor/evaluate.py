@@ -15,6 +15,7 @@ from pathlib import Path
 from tether.actor.engine_args import check_parity, engine_kwargs
 from tether.actor.tasks import Task, build_task
 from tether.common.config import EngineConfig, ModelConfig, load_config
+from tether.common.device import resolve_device
 from tether.common.errors import ConfigError
 
 
@@ -40,15 +41,6 @@ class EvalReport:
     mean_reward: float
     num_prompts: int
     results: list[PromptResult] = field(default_factory=list)
-
-
-def resolve_device(device: str) -> str:
-    """auto -> cuda when a CUDA GPU is present, else cpu."""
-    if device != "auto":
-        return device
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def start_engine(model_dir: str | Path, engine_cfg: EngineConfig, model_cfg: ModelConfig, device: str = "cpu"):

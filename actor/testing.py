@@ -110,3 +110,44 @@ def mixed_kv_logprobs(old_model, new_model, prompt: list[int], completion: list[
     hidden = new_model.model(input_ids=rest, past_key_values=cache, use_cache=True).last_hidden_state[0]
     logits = _head_logits(new_model, hidden)
     return processed_logprobs(logits, torch.tensor(completion[switch:]), temperature, top_k, top_p)
+
+
+def send_states(port: int, plan: list[tuple[int, str]], bucket_bytes: int, *, timeout_s: float = 120.0,
+                backend: str = "gloo") -> None:
+    """The learner's side of weight updates, for a spawned process in tests, benchmarks and `tether parity`.
+
+    For each (epoch, state_path) of `plan`: join that epoch's weight group on the TCPStore at
+    127.0.0.1:`port` as rank 0 of 2 (once per epoch, kept across its versions, as the learner keeps
+    it) and broadcast the state saved at `state_path` (torch.save of a name -> tensor dict).
+    """
+    from tether.common.weight_group import WeightSender, join_weight_group
+
+    torch.set_num_threads(1)
+    group = sender = None
+    try:
+        for epoch, state_path in plan:
+            if group is None or group.key != local_group_key(epoch):
+                if group is not None:
+                    group.close()
+                group = join_weight_group("127.0.0.1", port, local_group_key(epoch), 0, 2, backend=backend,
+                                          timeout_s=timeout_s)
+                sender = WeightSender(group, bucket_bytes)
+            sender.broadcast(list(torch.load(state_path).items()))
+    finally:
+        if group is not None:
+            group.close()
+
+
+def local_group_key(epoch: int) -> str:
+    """The rendezvous key of `epoch` in local weight groups (tests, benchmarks, the parity doctor)."""
+    return f"weights/local/epoch-{epoch}"
+
+
+def local_update(version: int, epoch: int, state: dict, bucket_bytes: int, port: int, *, first_rank: int = 1):
+    """The WeightUpdate an actor of a local 2-member group receives (the counterpart of send_states)."""
+    from tether.common.messages import WeightUpdate
+    from tether.common.weight_group import tensor_specs
+
+    return WeightUpdate(version=version, lineage="local", epoch=epoch, group_key=local_group_key(epoch),
+                        group_host="127.0.0.1", group_port=port, world_size=2, first_rank=first_rank,
+                        tensors=tensor_specs(state.items()), bucket_bytes=bucket_bytes)

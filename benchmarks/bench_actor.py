@@ -17,19 +17,14 @@ import asyncio
 import json
 import multiprocessing as mp
 import os
-import socket
 import tempfile
 import time
 from pathlib import Path
 
+from tether.common.net import free_port
+
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-
-
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _bare_peer(port: int, rank: int, nbytes: int, out) -> None:
@@ -48,7 +43,7 @@ def _bare_peer(port: int, rank: int, nbytes: int, out) -> None:
 def bare_broadcast_s(nbytes: int) -> float:
     from torch.distributed import TCPStore
 
-    port = _port()
+    port = free_port()
     store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
@@ -60,18 +55,6 @@ def bare_broadcast_s(nbytes: int) -> float:
         p.join()
     del store
     return times[1]
-
-
-def _sender(port: int, epoch: int, state_path: str, bucket_bytes: int) -> None:
-    import torch
-
-    from tether.common.weight_group import WeightSender, join_weight_group
-
-    torch.set_num_threads(1)
-    state = torch.load(state_path)
-    with join_weight_group("127.0.0.1", port, f"weights/local/epoch-{epoch}", 0, 2, backend="gloo",
-                           timeout_s=120) as group:
-        WeightSender(group, bucket_bytes).broadcast(list(state.items()))
 
 
 async def _throughput(engine, prompts, max_tokens: int, trials: int) -> dict:
@@ -109,21 +92,17 @@ async def _pause(engine, model_dir: Path, tmp: Path, epoch: int, version: int) -
     from torch.distributed import TCPStore
     from vllm import SamplingParams
 
-    from tether.actor.testing import load_state, perturbed_state
-    from tether.common.messages import WeightUpdate
-    from tether.common.weight_group import tensor_specs
+    from tether.actor.testing import load_state, local_update, perturbed_state, send_states
 
     state = perturbed_state(load_state(model_dir), 0.05, seed=epoch)
     path = tmp / f"state-{epoch}.pt"
     torch.save(state, path)
-    port = _port()
+    port = free_port()
     store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
     bucket = 32 << 20
-    announce = WeightUpdate(version=version, lineage="local", epoch=epoch, group_key=f"weights/local/epoch-{epoch}",
-                            group_host="127.0.0.1", group_port=port, world_size=2, first_rank=1,
-                            tensors=tensor_specs(state.items()), bucket_bytes=bucket)
+    announce = local_update(version, epoch, state, bucket, port)
     # Sender process started and joined-waiting before the pause, as a learner would be.
-    sender = mp.get_context("spawn").Process(target=_sender, args=(port, epoch, str(path), bucket))
+    sender = mp.get_context("spawn").Process(target=send_states, args=(port, [(epoch, str(path))], bucket))
     sender.start()
     await asyncio.sleep(4.0)
     gen = [asyncio.ensure_future(engine.generate([5 + i, 9, 17], SamplingParams(max_tokens=48, logprobs=0, seed=i,

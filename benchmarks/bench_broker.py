@@ -16,7 +16,6 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ import numpy as np
 from tether.common import wire
 from tether.common.config.broker import BrokerConfig
 from tether.common.messages import Rollout, SamplingSpec, float32_array, int32_array
+from tether.common.net import free_port
 from tether.common.peer import Backpressure, BrokerClient, BrokerError
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -99,12 +99,6 @@ def msgspec_replace(r: Rollout, rid: str) -> Rollout:
     return msgspec.structs.replace(r, rollout_id=rid, group_id=rid)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--actors", type=int, default=64)
@@ -115,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     wire_stats = bench_wire(args.tokens)
-    port = _free_port()
+    port = free_port()
     run_dir = tempfile.mkdtemp(prefix="bench-broker-")
     broker = subprocess.Popen(
         [sys.executable, "-m", "tether.broker", f"broker.port={port}", "broker.host_store=false",

@@ -1,4 +1,4 @@
-"""Small networking helpers."""
+"""Network helpers shared by launch scripts, benchmarks and tests."""
 
 from __future__ import annotations
 
@@ -6,7 +6,11 @@ import socket
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on `host` right now (another process may still take it before use)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A TCP port on `host` that the OS reported free a moment ago.
+
+    The socket is closed before the port is returned, so another process may take the port before
+    the caller binds it; use it where a clash is unlikely and fails loudly (tests, local runs).
+    """
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]

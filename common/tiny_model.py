@@ -1,7 +1,7 @@
 """The embedded tiny model: a small Qwen2 with a byte-level tokenizer, built and warm-started locally.
 
-A fresh CPU machine with no model hub still runs the real system on it (DESIGN.md, "Embedded
-default"). `build_tiny_model(out_dir)` writes a Hugging Face model directory (safetensors,
+A fresh CPU machine with no model hub still runs the real system on it (README.md, "Two
+commands": `make demo`). `build_tiny_model(out_dir)` writes a Hugging Face model directory (safetensors,
 config.json, tokenizer files) that both transformers and vLLM load, then
 `tether_tiny_model.json` with the numbers of the build.
 

@@ -211,7 +211,7 @@ def _follow(metrics_path: Path, total_steps: int, supervisor: Supervisor, learne
 
 
 def format_step(r: dict, total_steps: int) -> str:
-    """One console line per step: reward, kl, clip fraction, parity, lag, tokens/s."""
+    """One console line per step: reward, kl, clipped fraction, parity, lag, tokens/s."""
 
     def num(key: str, spec: str) -> str:
         value = r.get(key)
@@ -219,7 +219,7 @@ def format_step(r: dict, total_steps: int) -> str:
 
     parity = f"{num('parity_lag0_mean', '.1e')}/{num('parity_lag0_max', '.1e')}" if r.get("parity_lag0_tokens") else "n/a"
     return (f"step {r['step']:>4}/{total_steps}  reward {num('reward_mean', '.3f')}  kl {num('kl_new_old', '.2e')}  "
-            f"clip {num('clamp_log_ratio_new_old_indicator', '.3f')}  parity(lag0 mean/max) {parity}  "
+            f"clipped {num('clipped_fraction', '.3f')}  parity(lag0 mean/max) {parity}  "
             f"lag {num('lag_mean', '.2f')}  tok/s {num('tokens_per_s', '.0f')}  dropped {r.get('samples_dropped', 0)}")
 
 

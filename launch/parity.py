@@ -29,10 +29,11 @@ reloaded, or the wrong logprob mode all show up there. The bf16 rows start direc
 Columns: mean and max |delta| (learner minus actor, per token), KL(actor || learner) estimated on
 the actor's samples (k1: mean of logp_actor - logp_learner), the fraction of tokens with
 |delta| > 1e-3, and the learner's metrics for one step on that batch: kl_new_old (k3, as the trainer
-computes it) and the clip fraction from the learner's algorithm code (learner.algorithm, grpo by
-default) with synthetic group-normalised advantages (clip activity depends only on the ratio and the
-advantage's sign). Tokens the learner's top-k/top-p could not have produced (logprob -inf) are
-counted apart (`outside`), as the trainer does.
+computes it), ratio_outside_trust_region (`outside TR`) and clipped_fraction (`clipped`) from the
+learner's algorithm code (learner.algorithm, grpo by default) with synthetic group-normalised
+advantages (clip activity depends only on the ratio and the advantage's sign). Tokens the
+learner's top-k/top-p could not have produced (logprob -inf) are counted apart (`outside`), as the
+trainer does.
 
 Update-path check: the batch B of the all-on engine (requests started after an in-flight update)
 against an engine freshly started on W1 with the same prompts and seeds: tokens must be identical
@@ -49,7 +50,6 @@ import json
 import multiprocessing as mp
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -57,6 +57,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from tether.common.net import free_port
 
 FLOOR = 1e-5
 """Mean |delta| at or below this is the fp32 floor (measured ~1e-7; headroom for batch effects)."""
@@ -99,12 +101,6 @@ BF16_VARIANTS = (
 
 
 # ------------------------------------------------------------------------- weights and prompts
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def write_model_dir(src: Path, dst: Path, state: dict) -> Path:
     """A copy of the HF model directory `src` whose weights are `state` (safetensors)."""
     from safetensors.torch import save_file
@@ -124,34 +120,22 @@ def make_prompts(n: int, prefix_len: int, seed: int) -> list[list[int]]:
     return [prefix + rng.integers(3, 250, 4 + i % 5).tolist() for i in range(n)]
 
 
-def _sender_main(port: int, epoch: int, state_path: str, bucket_bytes: int) -> None:
-    """The learner's side of one update: rank 0 of the epoch's gloo group, broadcast of the new state."""
-    import torch
-
-    from tether.common.weight_group import WeightSender, join_weight_group
-
-    torch.set_num_threads(1)
-    state = torch.load(state_path)
-    with join_weight_group("127.0.0.1", port, f"weights/local/epoch-{epoch}", 0, 2, backend="gloo",
-                           timeout_s=120) as group:
-        WeightSender(group, bucket_bytes).broadcast(list(state.items()))
-
-
 class _UpdateSource:
     """A TCPStore (the broker's role) and a sender process (the learner's) for one weight update."""
 
     def __init__(self, state_path: Path, specs, epoch: int, version: int, bucket_bytes: int = 8 << 20):
         from torch.distributed import TCPStore
 
+        from tether.actor.testing import local_group_key, send_states
         from tether.common.messages import WeightUpdate
 
-        port = _port()
+        port = free_port()
         self.store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
-        self.announce = WeightUpdate(version=version, lineage="local", epoch=epoch,
-                                     group_key=f"weights/local/epoch-{epoch}", group_host="127.0.0.1", group_port=port,
-                                     world_size=2, first_rank=1, tensors=specs, bucket_bytes=bucket_bytes)
-        self.process = mp.get_context("spawn").Process(target=_sender_main,
-                                                       args=(port, epoch, str(state_path), bucket_bytes))
+        self.announce = WeightUpdate(version=version, lineage="local", epoch=epoch, group_key=local_group_key(epoch),
+                                     group_host="127.0.0.1", group_port=port, world_size=2, first_rank=1,
+                                     tensors=specs, bucket_bytes=bucket_bytes)
+        self.process = mp.get_context("spawn").Process(target=send_states,
+                                                       args=(port, [(epoch, str(state_path))], bucket_bytes))
         # Started before the engine pauses, as a learner is ready before it announces.
         self.process.start()
 
@@ -207,7 +191,8 @@ async def keep_cycle(engine, prompts, sampling, max_tokens, source: _UpdateSourc
     source.close()
     batch_b = await _batch(engine, prompts, sampling, max_tokens, 2000, "B")
     spanning = sum(1 for c in batch_a if c is not None and len(set(c.versions.tolist())) > 1)
-    return {"batch_a": batch_a, "batch_b": batch_b, "pause_s": result.pause_s, "tokens_discarded": 0,
+    discarded = sum(counts[i] for i, c in enumerate(batch_a) if c is None)  # measured, as in abort_cycle
+    return {"batch_a": batch_a, "batch_b": batch_b, "pause_s": result.pause_s, "tokens_discarded": discarded,
             "tokens_at_update": tokens_at_update, "sequences_spanning_update": spanning,
             "update_to_batch_done_s": None}
 
@@ -310,7 +295,8 @@ def row_metrics(actor: list[np.ndarray], learner: list[np.ndarray], algorithm: s
         "kl_actor_learner_k1": float(-d.mean()) if d.size else float("nan"),
         "frac_abs_delta_gt_1e-3": float((absd > DELTA_THRESHOLD).mean()) if absd.size else float("nan"),
         "kl_new_old": float((torch.exp(dd) - 1 - dd).mean()),
-        "clip_fraction": float(out.metrics["clamp_log_ratio_new_old_indicator"]),
+        "ratio_outside_trust_region": float(out.metrics["ratio_outside_trust_region"]),
+        "clipped_fraction": float(out.metrics["clipped_fraction"]),
     }
 
 
@@ -470,13 +456,14 @@ def format_report(report: dict) -> str:
         " bf16 rows: engines started on W1 (" + report["head_rows_note"] + ").",
         "",
         f"{'configuration':34} {'mean|d|':>9} {'max|d|':>9} {'KL(a||l)':>9} {'|d|>1e-3':>8} {'outside':>7} "
-        f"{'kl_new_old':>10} {'clip':>6} {'pause_s':>7} {'discarded':>9}",
+        f"{'kl_new_old':>10} {'outside TR':>10} {'clipped':>7} {'pause_s':>7} {'discarded':>9}",
     ]
     for r in report["rows"]:
         pause = "-" if r["update_pause_s"] is None else f"{r['update_pause_s']:.2f}"
         lines.append(f"{r['config']:34} {r['mean_abs_delta']:9.2e} {r['max_abs_delta']:9.2e} "
                      f"{r['kl_actor_learner_k1']:9.2e} {r['frac_abs_delta_gt_1e-3']:8.3f} {r['outside_support']:7d} "
-                     f"{r['kl_new_old']:10.2e} {r['clip_fraction']:6.3f} {pause:>7} {r['tokens_discarded']:9d}")
+                     f"{r['kl_new_old']:10.2e} {r['ratio_outside_trust_region']:10.3f} {r['clipped_fraction']:7.3f} "
+                     f"{pause:>7} {r['tokens_discarded']:9d}")
     c = report["update_check"]
     lines += [
         "",

@@ -1,4 +1,4 @@
-"""Plot a run's metrics.jsonl: reward, KL, clip fraction, entropy and parity over steps (PNG)."""
+"""Plot a run's metrics.jsonl: reward, KL, clipped fraction, entropy and parity over steps (PNG)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from pathlib import Path
 PANELS = (
     ("reward_mean", "reward (mean)", "linear"),
     ("kl_new_old", "kl_new_old", "log"),
-    ("clamp_log_ratio_new_old_indicator", "clip fraction", "linear"),
+    ("ratio_outside_trust_region", "ratio outside the trust region (share of tokens)", "linear"),
+    ("clipped_fraction", "clipped fraction (share of tokens where the clip changed the loss)", "linear"),
     ("entropy", "entropy", "linear"),
     ("parity_lag0_mean", "parity: mean |log ratio|, lag-0 tokens", "log"),
 )

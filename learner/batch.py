@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from tether.common.messages import Rollout
+from tether.common.staleness import is_stale
 
 
 @dataclass(frozen=True)
@@ -70,12 +71,15 @@ class PreparedBatch:
 
 
 def keep_fresh(rollouts: Sequence[Rollout], learner_version: int, max_lag: int) -> tuple[list[Rollout], int, int]:
-    """Rollouts whose oldest token has lag <= max_lag, plus the counts of stale and empty ones dropped."""
+    """Rollouts whose oldest token has lag <= max_lag, plus the counts of stale and empty ones dropped.
+
+    The rule is common/staleness.py's, the one the broker applies before it serves a batch.
+    """
     kept, stale, empty = [], 0, 0
     for rollout in rollouts:
         if rollout.num_completion_tokens == 0:
             empty += 1
-        elif learner_version - rollout.min_version > max_lag:
+        elif is_stale(rollout.min_version, learner_version, max_lag):
             stale += 1
         else:
             kept.append(rollout)
@@ -128,13 +132,23 @@ def prepare_batch(
     max_lag: int,
     micro_batch_size: int,
     advantage_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    empty_completions: str = "group",
 ) -> PreparedBatch:
-    """Drop stale and empty rollouts, compute advantages per group, and cut length-sorted micro-batches."""
+    """Drop stale and empty rollouts, compute advantages per group, and cut length-sorted micro-batches.
+
+    `empty_completions` (learner.empty_completions): `group` keeps an empty completion's reward in its
+    group's advantage statistics, `drop` computes advantages without it. Either way it trains on no
+    token and is counted in dropped_empty.
+    """
     kept, stale, empty = keep_fresh(rollouts, learner_version, max_lag)
     rewards = np.array([r.reward for r in kept], dtype=np.float32)
     if not kept:
         return PreparedBatch([], rewards, stale, empty, 0, 0)
-    advantages = advantage_fn(torch.from_numpy(rewards), group_indices(kept))
+    members = list(kept)
+    if empty_completions == "group":
+        members += [r for r in rollouts if r.num_completion_tokens == 0]
+    member_rewards = torch.tensor([r.reward for r in members], dtype=torch.float32)
+    advantages = advantage_fn(member_rewards, group_indices(members))[:len(kept)]
     lengths = [r.prompt_token_ids.shape[0] + r.num_completion_tokens for r in kept]
     order = sorted(range(len(kept)), key=lambda i: lengths[i])
     micro_batches, pad = [], 0

@@ -16,22 +16,6 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def resolve_device(device: str) -> torch.device:
-    """auto: the rank's CUDA device when there is one, else cpu."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device(device)
-
-
-def resolve_body_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """auto: bfloat16 on CUDA, float32 on CPU."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return getattr(torch, dtype)
-
-
 class Fp32LMHead(nn.Linear):
     """nn.Linear that always computes in fp32: hidden states cast up, fp32 weights, fp32 logits."""
 

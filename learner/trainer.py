@@ -9,14 +9,18 @@ Driver API (every rank runs the same calls; see learner/__main__.py):
         learner.maybe_checkpoint()       # save, then commit the step's rollouts to the broker
     learner.close()
 
-The weight version is the number of optimizer steps taken; `step()` increments it. While a rank
-waits for its batch, the ranks check together every `POLL_S` whether the broker asked for weights
-(an actor joined, came back or missed an update) and publish the current version at once, so a
-learner waiting for rollouts never starves the actors that would produce them.
+The weight version is the number of optimizer steps taken; `step()` increments it. A batch that
+trains nothing (every sample stale or empty) or whose gradients are not finite is not a step: it is
+counted and the step goes on with the next batch, so the version never advances without training.
+
+While a rank waits for its batch, the ranks check together every `POLL_S` whether the broker asked
+for weights (an actor joined, came back or missed an update) and publish the current version at
+once, so a learner waiting for rollouts never starves the actors that would produce them.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from pathlib import Path
@@ -25,24 +29,33 @@ import torch
 import torch.distributed as dist
 
 from tether.common.config import RunConfig
+from tether.common.device import torch_device, torch_dtype
 from tether.common.logging import get_logger
 from tether.learner.algorithms import LossInput, LossParams, get_algorithm
+from tether.learner.algorithms.core import AdvantageParams
 from tether.learner.batch import MicroBatch, prepare_batch
 from tether.learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from tether.learner.consumption_log import ConsumptionLog
+from tether.learner.gradients import clip_gradients
 from tether.learner.logprobs import processed_entropy, processed_logprobs
 from tether.learner.metrics import MetricsWriter, StepMetrics, drop_records_after
-from tether.learner.model import completion_logits, load_policy, resolve_body_dtype, resolve_device
+from tether.learner.model import completion_logits, load_policy
 from tether.learner.publish import PublishStats, Rendezvous, WeightPublisher, broadcast_flags
 from tether.learner.source import BatchSource
 
 log = get_logger(__name__)
 
-_LOSS_METRICS = ("pg_loss", "clamp_log_ratio_new_old_indicator", "kl_ref")
+_LOSS_METRICS = ("pg_loss", "ratio_outside_trust_region", "clipped_fraction", "kl_ref")
 MAX_EMPTY_FETCHES = 100
 """Consecutive batches without a trainable token after which the learner gives up."""
 POLL_S = 0.1
 """How often waiting ranks check together whether to publish."""
+MAX_NONFINITE_SKIPS = 10
+"""Batches in a row whose gradients may be skipped as non-finite before the learner gives up: one
+is an outlier; a run of them means the model or the data is broken, and more skipping would only
+consume rollouts."""
+_CARRIED = ("samples_received", "samples_dropped", "samples_empty", "samples_skipped_nonfinite")
+"""Counts of a skipped batch that the next step's record carries (every rollout is accounted for)."""
 
 
 def _dummy_micro_batch() -> MicroBatch:
@@ -102,8 +115,8 @@ class Learner:
         self.rank = dist.get_rank() if distributed else 0
         self.world_size = dist.get_world_size() if distributed else 1
         self.shard = distributed if shard is None else shard
-        self.device = resolve_device(config.run.device)
-        self.body_dtype = resolve_body_dtype(config.model.dtype, self.device)
+        self.device = torch_device(config.run.device)
+        self.body_dtype = torch_dtype(config.model.dtype, self.device)
         self.fp32_lm_head = config.model.fp32_lm_head
         torch.manual_seed(config.run.seed)
         self.model = load_policy(
@@ -118,13 +131,15 @@ class Learner:
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.algorithm = get_algorithm(cfg.algorithm)
         self.params = LossParams(
-            clip_low=cfg.clip_low, clip_high=cfg.clip_high, tis_cap=cfg.tis_cap, kl_coef=cfg.kl_coef,
-            aggregation=cfg.loss_aggregation,
+            clip_low=cfg.clip_low, clip_high=cfg.clip_high, dual_clip=cfg.dual_clip, tis_cap=cfg.tis_cap,
+            kl_coef=cfg.kl_coef, aggregation=cfg.loss_aggregation,
         )
+        self.advantage_params = AdvantageParams(std=cfg.advantage_std, eps=cfg.advantage_eps)
         self.version = 0
         self.committed_version = -1
         """Version of the newest checkpoint this run's lineage holds (-1: none)."""
         self.dropped_total = 0
+        self.steps_skipped_nonfinite = 0
         if cfg.resume and (path := latest_checkpoint(self.run_dir)) is not None:
             self.version = load_checkpoint(path, self.model, self.optimizer)
             self.committed_version = self.version
@@ -155,9 +170,57 @@ class Learner:
     # ---- one optimizer step -------------------------------------------------------------------
 
     def step(self) -> dict:
-        """Fetch this rank's rollouts, take one optimizer step, return the step's (global) metrics."""
+        """Fetch this rank's rollouts, take one optimizer step, return the step's (global) metrics.
+
+        Gradients that are not finite never reach the weights. Such a batch is skipped: no optimizer
+        update, a warning, and a count in the record of the step that follows (`skipped_nonfinite`
+        for this step, `steps_skipped_nonfinite` over the run); then the step starts over on the next
+        batch. The version counts optimizer steps, so a skipped batch does not advance it, as a batch
+        of stale samples does not (_fetch_trainable_batch): a skipped batch never looks like a trained
+        step. Its rollouts were consumed; they are counted in `samples_received` and
+        `samples_skipped_nonfinite`.
+        """
         cfg = self.config.learner
         started = time.perf_counter()
+        carried = StepMetrics()
+        for skips in range(MAX_NONFINITE_SKIPS + 1):
+            m = self._forward_backward()
+            # The norm is global (reduced over the ranks), so every rank skips or steps together.
+            grad_norm = clip_gradients(self.model.parameters(), cfg.grad_clip)
+            if math.isfinite(grad_norm):
+                break
+            self.optimizer.zero_grad(set_to_none=True)
+            self.steps_skipped_nonfinite += 1
+            m.add("samples_skipped_nonfinite", m.sums["sequences"])
+            for name in _CARRIED:
+                carried.add(name, m.sums[name])
+            if self.rank == 0:
+                log.warning("non-finite gradients: update skipped, fetching another batch", version=self.version,
+                            grad_norm=grad_norm, in_a_row=skips + 1, steps_skipped_nonfinite=self.steps_skipped_nonfinite)
+        else:
+            raise RuntimeError(
+                f"{MAX_NONFINITE_SKIPS + 1} consecutive batches gave non-finite gradients at version "
+                f"{self.version}; no update was applied. The weights are finite (checkpoint them to "
+                "inspect); look for extreme behaviour logprobs or rewards, or lower learner.lr"
+            )
+        for name in _CARRIED:
+            m.add(name, carried.sums.get(name, 0.0))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.version += 1
+
+        g = m.reduce(self.device)
+        seconds = time.perf_counter() - started
+        self.dropped_total += int(g.sums["samples_dropped"])
+        record = self._record(g, grad_norm, seconds, skips)
+        if self.writer is not None:
+            self.writer.write(record)
+            log.info("step", **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items() if not k.startswith("mixed_")})
+        return record
+
+    def _forward_backward(self) -> StepMetrics:
+        """Fetch a trainable batch and accumulate its gradients; this rank's (unreduced) metrics."""
+        cfg = self.config.learner
         batch, prepared, totals, skipped = self._fetch_trainable_batch()
         skipped_dropped, skipped_empty, skipped_received = skipped
         m = StepMetrics()
@@ -180,27 +243,14 @@ class Learner:
 
         # Every rank reports every key, even with nothing to train on (the reduction packs by name).
         for name in ("loss", "entropy_sum", "kl_new_old_sum", "scored_tokens", "lag_sum", "parity_lag0_sum",
-                     "parity_lag0_tokens", "tokens_outside_support", *(f"{n}_sum" for n in _LOSS_METRICS),
+                     "parity_lag0_tokens", "tokens_outside_support", "samples_skipped_nonfinite",
+                     *(f"{n}_sum" for n in _LOSS_METRICS),
                      *(f"mixed_lag{k}_{s}" for k in range(cfg.max_lag + 1) for s in ("sum", "tokens"))):
             m.add(name, 0.0)
         m.max("parity_lag0_max", 0.0)
         for mb in micro_batches:
             self._micro_step(mb, total_tokens, total_sequences, m)
-
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.version += 1
-
-        g = m.reduce(self.device)
-        seconds = time.perf_counter() - started
-        self.dropped_total += int(g.sums["samples_dropped"])
-        record = self._record(g, grad_norm, seconds)
-        if self.writer is not None:
-            self.writer.write(record)
-            log.info("step", **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items() if not k.startswith("mixed_")})
-        return record
+        return m
 
     def _fetch_trainable_batch(self):
         """This rank's batch for the next step, fetching again while no rank has a trainable token.
@@ -215,8 +265,9 @@ class Learner:
         skipped_dropped = skipped_empty = skipped_received = 0
         for _ in range(MAX_EMPTY_FETCHES):
             batch = self._fetch()
-            prepared = prepare_batch(batch.rollouts, self.version, cfg.max_lag, cfg.micro_batch_size,
-                                     self.algorithm.advantages)
+            advantages = functools.partial(self.algorithm.advantages, params=self.advantage_params)
+            prepared = prepare_batch(batch.rollouts, self.version, cfg.max_lag, cfg.micro_batch_size, advantages,
+                                     empty_completions=cfg.empty_completions)
             totals = StepMetrics()
             totals.add("tokens", sum(mb.num_tokens for mb in prepared.micro_batches))
             totals.add("sequences", len(prepared.rewards))
@@ -324,7 +375,7 @@ class Learner:
             m.add(f"mixed_lag{k}_sum", float(abs_d[sel].sum()))
             m.add(f"mixed_lag{k}_tokens", float(sel.sum()))
 
-    def _record(self, g: StepMetrics, grad_norm: float, seconds: float) -> dict:
+    def _record(self, g: StepMetrics, grad_norm: float, seconds: float, skipped_nonfinite: int) -> dict:
         n = g.sums["sequences"]
         mean = g.sums["reward_sum"] / n if n else float("nan")
         var = g.sums["reward_sq_sum"] / n - mean * mean if n else float("nan")
@@ -334,9 +385,12 @@ class Learner:
             "loss": g.sums["loss"],  # each rank's share is already normalised by the global totals
             "pg_loss": g.ratio("pg_loss_sum", "scored_tokens"),
             "kl_new_old": g.ratio("kl_new_old_sum", "scored_tokens"),
-            "clamp_log_ratio_new_old_indicator": g.ratio("clamp_log_ratio_new_old_indicator_sum", "scored_tokens"),
+            "ratio_outside_trust_region": g.ratio("ratio_outside_trust_region_sum", "scored_tokens"),
+            "clipped_fraction": g.ratio("clipped_fraction_sum", "scored_tokens"),
             "entropy": g.ratio("entropy_sum", "scored_tokens"),
             "grad_norm": grad_norm,
+            "skipped_nonfinite": skipped_nonfinite, "steps_skipped_nonfinite": self.steps_skipped_nonfinite,
+            "samples_skipped_nonfinite": int(g.sums["samples_skipped_nonfinite"]),
             "lag_min": g.mins.get("lag_min", float("nan")), "lag_mean": g.ratio("lag_sum", "scored_tokens"),
             "lag_max": g.maxes.get("lag_max", float("nan")),
             "tokens_per_s": g.sums["completion_tokens"] / seconds,

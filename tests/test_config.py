@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -56,11 +59,57 @@ def test_overrides_win_over_the_file_and_keep_types():
         (["broker.buffer_capacity=8"], r"broker\.buffer_capacity: must hold at least one step"),
         (["broker.curve_enabled=true"], r"broker\.keys_dir: is required"),
         (["learner.lr"], r"key=value"),
+        (["learner.algorithm=grpo2"], r"learner\.algorithm: must be one of grpo, gspo, ppo, reinforce, rloo"),
+        (["learner.dual_clip=1.2"], r"learner\.dual_clip: must be 0 \(off\) or >= 1 \+ learner\.clip_high \(1\.28\)"),
+        (["learner.dual_clip=1.1", "learner.clip_high=0.05"], None),
+        (["learner.tis_cap=0.5"], r"learner\.tis_cap: must be 0 \(off\) or >= 1"),
+        (["learner.advantage_std=biased"], r"learner\.advantage_std: must be one of sample, population"),
+        (["learner.advantage_eps=0"], r"learner\.advantage_eps: must be > 0"),
+        (["learner.empty_completions=skip"], r"learner\.empty_completions: must be one of group, drop"),
+        (["learner.grad_clip=-1"], r"learner\.grad_clip: must be >= 0"),
     ],
 )
 def test_bad_overrides_name_the_key(overrides, message):
+    if message is None:  # the valid neighbour of a rule: it must load
+        load_config(None, overrides)
+        return
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
+
+
+def test_config_checks_need_no_torch():
+    """The broker and the status command load the config too: checking learner.algorithm against
+    the registry must not pull torch into them."""
+    code = ("import sys; from tether.common.config import load_config; "
+            "load_config(None, ['learner.algorithm=rloo']); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_every_config_dataclass_is_keyword_only_and_documents_every_field():
+    """The house style: @dataclass(kw_only=True) and a docstring under every field, nested ones too."""
+    from tether.common.config import base
+    from tether.common.config.reference import field_docs
+
+    classes = [cls for module in _config_modules() for cls in vars(module).values()
+               if dataclasses.is_dataclass(cls) and isinstance(cls, type) and issubclass(cls, base.Section)]
+    assert {c.__name__ for c in classes} >= {"RunConfig", "LearnerConfig", "BrokerConfig", "EngineConfig"}
+    for cls in classes:
+        params = dataclasses.fields(cls)
+        assert all(f.kw_only for f in params), f"{cls.__name__} is not @dataclass(kw_only=True)"
+        missing = [f.name for f in params if f.name not in field_docs(cls)]
+        assert not missing, f"{cls.__name__} fields without a docstring: {missing}"
+        with pytest.raises(TypeError):
+            cls(*[getattr(cls(), f.name) for f in params[:1]])  # positional arguments are refused
+
+
+def _config_modules():
+    import importlib
+    import pkgutil
+
+    import tether.common.config as package
+
+    return [importlib.import_module(f"{package.__name__}.{info.name}") for info in pkgutil.iter_modules(package.__path__)]
 
 
 def test_bad_file_names_the_key(tmp_path):

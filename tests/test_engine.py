@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import multiprocessing as mp
-import socket
 
 import numpy as np
 import pytest
@@ -21,14 +20,16 @@ from tether.actor.testing import (
     build_random_qwen2,
     load_reference_model,
     load_state,
+    local_group_key,
+    local_update,
     mixed_kv_logprobs,
     perturbed_state,
     reference_logprobs,
+    send_states,
 )
 from tether.common.config import EngineConfig, ModelConfig
 from tether.common.errors import ConfigError
-from tether.common.messages import WeightUpdate
-from tether.common.weight_group import tensor_specs
+from tether.common.net import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -182,16 +183,6 @@ def test_rollout_pump_groups_rewards_grants_and_backpressure(loop, engine, model
     assert len({r.rollout_id for r in sink.received}) == 20
 
 
-def _sender_main(port: int, epoch: int, state_path: str, bucket_bytes: int) -> None:
-    from tether.common.weight_group import WeightSender, join_weight_group
-
-    torch.set_num_threads(1)
-    state = torch.load(state_path)
-    with join_weight_group("127.0.0.1", port, f"weights/test/epoch-{epoch}", 0, 2, backend="gloo",
-                           timeout_s=60) as group:
-        WeightSender(group, bucket_bytes).broadcast(list(state.items()))
-
-
 def test_d_inflight_update_mid_generation(loop, engine, model_dir, tmp_path):
     from torch.distributed import TCPStore
     from vllm.sampling_params import RequestOutputKind
@@ -199,12 +190,10 @@ def test_d_inflight_update_mid_generation(loop, engine, model_dir, tmp_path):
     old_state = load_state(model_dir)
     new_state = perturbed_state(old_state, scale=0.3, seed=1)
     torch.save(new_state, tmp_path / "new.pt")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)  # the broker's store
     bucket_bytes = 64 * 1024
-    announce = _update(1, 1, new_state, bucket_bytes, port)
+    announce = local_update(1, 1, new_state, bucket_bytes, port)
     n_tokens = 40
     counts = [0] * len(PROMPTS)
 
@@ -222,8 +211,8 @@ def test_d_inflight_update_mid_generation(loop, engine, model_dir, tmp_path):
         tasks = [asyncio.ensure_future(one(i, p)) for i, p in enumerate(PROMPTS)]
         while min(counts) < 4:  # every request is past its prefill and a few tokens in
             await asyncio.sleep(0.005)
-        sender = mp.get_context("spawn").Process(target=_sender_main,
-                                                  args=(port, 1, str(tmp_path / "new.pt"), bucket_bytes))
+        sender = mp.get_context("spawn").Process(target=send_states, args=(port, [(1, str(tmp_path / "new.pt"))], bucket_bytes),
+                                                  kwargs={"timeout_s": 60})
         sender.start()
         result = await engine.update_weights(announce)
         done = await asyncio.gather(*tasks)
@@ -265,28 +254,6 @@ def test_d_inflight_update_mid_generation(loop, engine, model_dir, tmp_path):
     assert np.median(after_old) > 1e-2  # inf where the old weights could not have sampled the token
 
 
-def _update(version: int, epoch: int, state: dict, bucket_bytes: int, port: int) -> WeightUpdate:
-    return WeightUpdate(version=version, lineage="test", epoch=epoch, group_key=f"weights/test/epoch-{epoch}",
-                        group_host="127.0.0.1", group_port=port, world_size=2, first_rank=1,
-                        tensors=tensor_specs(state.items()), bucket_bytes=bucket_bytes)
-
-
-def _multi_sender_main(port: int, plan: list[tuple[int, str]], bucket_bytes: int) -> None:
-    """Rank 0 of successive weight groups: one group per epoch, kept across that epoch's versions."""
-    from tether.common.weight_group import WeightSender, join_weight_group
-
-    group = sender = None
-    for epoch, state_path in plan:
-        key = f"weights/test/epoch-{epoch}"
-        if group is None or group.key != key:
-            if group is not None:
-                group.close()
-            group = join_weight_group("127.0.0.1", port, key, 0, 2, backend="gloo", timeout_s=60)
-            sender = WeightSender(group, bucket_bytes)
-        sender.broadcast(list(torch.load(state_path).items()))
-    group.close()
-
-
 def test_updates_reuse_the_epoch_group_and_rejoin_on_a_new_epoch(loop, engine, model_dir, tmp_path):
     """Several versions in one epoch travel over one group (as the learner keeps it), then a new epoch
     forms a new group. Re-forming a group per update on the same epoch's store prefix would read the
@@ -294,9 +261,7 @@ def test_updates_reuse_the_epoch_group_and_rejoin_on_a_new_epoch(loop, engine, m
     from torch.distributed import TCPStore
 
     base = load_state(model_dir)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
     first_version = engine.version + 1
     plan = []
@@ -304,12 +269,12 @@ def test_updates_reuse_the_epoch_group_and_rejoin_on_a_new_epoch(loop, engine, m
         state = perturbed_state(base, scale=0.05 * (i + 1), seed=50 + i)
         torch.save(state, tmp_path / f"v{i}.pt")
         plan.append((epoch, str(tmp_path / f"v{i}.pt"), state))
-    sender = mp.get_context("spawn").Process(target=_multi_sender_main,
-                                              args=(port, [(e, p) for e, p, _ in plan], 64 * 1024))
+    sender = mp.get_context("spawn").Process(target=send_states, args=(port, [(e, p) for e, p, _ in plan], 64 * 1024),
+                                              kwargs={"timeout_s": 60})
     sender.start()
     try:
         for i, (epoch, _, state) in enumerate(plan):
-            announce = _update(first_version + i, epoch, state, 64 * 1024, port)
+            announce = local_update(first_version + i, epoch, state, 64 * 1024, port)
             loop.run_until_complete(engine.update_weights(announce))
             checksums = loop.run_until_complete(engine.llm.collective_rpc("tether_param_checksum",
                                                                           args=("model.norm.weight",)))
@@ -338,28 +303,26 @@ def test_a_failed_update_keeps_generation_paused_until_a_complete_one(loop, engi
 
     from tether.actor.engine import WeightUpdateError
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
     state = perturbed_state(load_state(model_dir), scale=0.02, seed=99)
     torch.save(state, tmp_path / "good.pt")
     version = engine.version + 1
-    dying = mp.get_context("spawn").Process(target=_dying_sender_main, args=(port, "weights/test/epoch-90"))
+    dying = mp.get_context("spawn").Process(target=_dying_sender_main, args=(port, local_group_key(90)))
 
     async def run():
         request = asyncio.ensure_future(engine.generate(PROMPTS[0], _params(seed=5, max_tokens=24, ignore_eos=True)))
         await asyncio.sleep(0.2)
         dying.start()
         with pytest.raises(WeightUpdateError):
-            await engine.update_weights(_update(version, 90, state, 64 * 1024, port))
+            await engine.update_weights(local_update(version, 90, state, 64 * 1024, port))
         assert not engine.healthy and engine.version == version - 1
         await asyncio.sleep(1.0)
         assert not request.done()  # paused: no token from weights that may be mixed
-        good = mp.get_context("spawn").Process(target=_sender_main, args=(port, 91, str(tmp_path / "good.pt"),
-                                                                           64 * 1024))
+        good = mp.get_context("spawn").Process(target=send_states, args=(port, [(91, str(tmp_path / "good.pt"))],
+                                                                          64 * 1024))
         good.start()
-        await engine.update_weights(_update(version, 91, state, 64 * 1024, port))
+        await engine.update_weights(local_update(version, 91, state, 64 * 1024, port))
         completion = await asyncio.wait_for(request, 60)
         good.join(60)
         return completion

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -24,18 +23,13 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from tether.common.messages import SamplingSpec, TensorSpec
+from tether.common.net import free_port
 from tether.common.weight_group import WeightReceiver, join_weight_group
 
 pytestmark = pytest.mark.slow
 torch.set_num_threads(1)
 
 STEPS = 3
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +69,7 @@ def _overrides(model_dir, rollouts_file, run_dir, **extra) -> list[str]:
 
 def _torchrun(overrides: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
            "-m", "tether.learner", *overrides]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
@@ -93,7 +87,7 @@ def _receiver_specs(model_dir) -> list[TensorSpec]:
 def fsdp_run(model_dir, rollouts_file, tmp_path_factory):
     """The 2-rank run with a live receiver; returns (run_dir, {version: received tensors})."""
     run_dir = tmp_path_factory.mktemp("fsdp-run")
-    port = _free_port()
+    port = free_port()
     store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
     specs = _receiver_specs(model_dir)
     received: dict[int, dict[str, torch.Tensor]] = {}
@@ -139,7 +133,7 @@ def test_loss_falls_and_metrics_are_reported(fsdp_run):
     assert first["parity_lag0_max"] < 1e-4
     assert first["lag_max"] == 0 and rows[2]["lag_min"] == 2
     assert rows[1]["parity_lag0_tokens"] == 0  # the fixed batch is lag 1 at step 2: not parity tokens
-    for key in ("reward_mean", "reward_std", "kl_new_old", "clamp_log_ratio_new_old_indicator", "entropy",
+    for key in ("reward_mean", "reward_std", "kl_new_old", "ratio_outside_trust_region", "clipped_fraction", "entropy",
                 "grad_norm", "tokens_per_s", "samples_dropped"):
         assert all(r[key] is not None for r in rows), key
     assert rows[2]["kl_new_old"] > 0

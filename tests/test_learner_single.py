@@ -99,3 +99,105 @@ def test_an_all_stale_batch_is_skipped_not_stepped(setup, tmp_path):
     row = learner.step()
     assert learner.version == 2 and learner.source.calls == 3
     assert row["samples_dropped"] == 16 and row["samples"] == 8 and row["lag_max"] == 0
+
+
+def _params(learner) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in learner.model.named_parameters()}
+
+
+def test_grad_clip_zero_disables_clipping(setup, tmp_path):
+    """learner.grad_clip=0 trains exactly like an unreachable clip, and still reports the norm."""
+    off = _learner(setup, tmp_path / "off", **{"learner.grad_clip": 0})
+    before = _params(off)
+    row_off = off.step()
+    unclipped = _learner(setup, tmp_path / "huge", **{"learner.grad_clip": 1e9})
+    row_huge = unclipped.step()
+    assert row_off["grad_norm"] == pytest.approx(row_huge["grad_norm"], rel=1e-6) and row_off["grad_norm"] > 0
+    after_off, after_huge = _params(off), _params(unclipped)
+    assert any(not torch.equal(before[n], after_off[n]) for n in before), "grad_clip=0 left the weights unchanged"
+    for name in before:
+        torch.testing.assert_close(after_off[name], after_huge[name], atol=0, rtol=0, msg=name)
+
+
+def _with_behaviour_logprob(rollouts, value: float):
+    """The rollouts with the first completion token of every other sequence given behaviour logprob `value`."""
+    from msgspec.structs import replace
+
+    from tether.common.messages import float32_array
+
+    out = []
+    for i, r in enumerate(rollouts):
+        if i % 2 == 0:
+            logprobs = r.logprobs.numpy().copy()
+            logprobs[0] = value
+            r = replace(r, logprobs=float32_array(logprobs))
+        out.append(r)
+    return out
+
+
+@pytest.mark.parametrize("algorithm", ["grpo", "gspo"])
+def test_extreme_behaviour_logprobs_never_reach_the_weights(setup, tmp_path, algorithm):
+    """A behaviour logprob of -100 is a valid rollout; the step stays finite and trains."""
+    from tether.learner.source import InMemoryBatchSource
+
+    learner = _learner(setup, tmp_path, **{"learner.algorithm": algorithm, "learner.dual_clip": 0})
+    learner.source = InMemoryBatchSource(_with_behaviour_logprob(setup[1], -100.0))
+    before = _params(learner)
+    row = learner.step()
+    after = _params(learner)
+    assert all(torch.isfinite(p).all() for p in after.values())
+    assert row["grad_norm"] is not None and 0 < row["grad_norm"] < float("inf")
+    assert row["steps_skipped_nonfinite"] == 0 and learner.version == 1
+    assert any(not torch.equal(before[n], after[n]) for n in before)
+
+
+def _nan_loss_for(learner, calls: int):
+    """Make the learner's loss NaN for its first `calls` micro-batches (a stand-in for any
+    numerical failure the clamp does not cover)."""
+    import dataclasses
+
+    seen = {"n": 0}
+    loss = learner.algorithm.loss
+
+    def nan_loss(inp, params):
+        out = loss(inp, params)
+        seen["n"] += 1
+        if seen["n"] <= calls:
+            return dataclasses.replace(out, loss=out.loss * float("nan"))
+        return out
+
+    learner.algorithm = dataclasses.replace(learner.algorithm, loss=nan_loss)
+
+
+def test_nonfinite_gradients_skip_the_update_and_are_counted(setup, tmp_path):
+    """The batch whose gradients are NaN leaves no trace on the weights or the optimizer; the version
+    counts optimizer steps only; the skipped batch's rollouts are counted as consumed."""
+    from structlog.testing import capture_logs
+
+    clean = _learner(setup, tmp_path / "clean")
+    clean.step()
+    learner = _learner(setup, tmp_path / "nan")
+    _nan_loss_for(learner, calls=2)  # both micro-batches of the first batch
+    with capture_logs() as logs:
+        row = learner.step()
+    assert learner.version == 1 and row["version"] == 1
+    for name, value in _params(clean).items():  # as if the NaN batch had never been fetched
+        torch.testing.assert_close(_params(learner)[name], value, atol=0, rtol=0, msg=name)
+    assert row["skipped_nonfinite"] == 1 and row["steps_skipped_nonfinite"] == 1
+    assert row["samples_skipped_nonfinite"] == 8 and row["samples_received"] == 16 and row["samples"] == 8
+    warnings = [e for e in logs if e["log_level"] == "warning" and "non-finite" in e["event"]]
+    assert len(warnings) == 1 and warnings[0]["version"] == 0
+    assert learner.step()["skipped_nonfinite"] == 0 and learner.steps_skipped_nonfinite == 1
+
+
+def test_persistent_nonfinite_gradients_stop_the_run(setup, tmp_path):
+    from tether.learner.trainer import MAX_NONFINITE_SKIPS
+
+    learner = _learner(setup, tmp_path)
+    before = _params(learner)
+    _nan_loss_for(learner, calls=10**9)
+    with pytest.raises(RuntimeError, match=f"{MAX_NONFINITE_SKIPS + 1} consecutive batches .*non-finite"):
+        learner.step()
+    assert learner.version == 0
+    for name, value in _params(learner).items():
+        torch.testing.assert_close(value, before[name], atol=0, rtol=0)

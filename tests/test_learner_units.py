@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -41,9 +43,11 @@ def test_micro_batches_are_length_sorted_and_aligned():
     # rollout 1 (prompt 1, completion [10]): its token is predicted by the logits at position 0
     assert first.logit_positions()[0, 0].item() == 0 and first.completion_ids[0, 0].item() == 10
     assert first.input_ids[0, 1].item() == 10 and first.mask[0].tolist() == [1.0, 0.0]
-    # advantages follow their rollouts through the sort: group 0 -> +1/-1, group 1 -> -1/+1
-    assert first.advantages.tolist() == pytest.approx([-1.0, -1.0], abs=1e-5)
-    assert second.advantages.tolist() == pytest.approx([1.0, 1.0], abs=1e-5)
+    # advantages follow their rollouts through the sort (lengths 2, 4 | 7, 8): group 0 (rewards 1, 0)
+    # -> +a0/-a0, group 1 (rewards 1, 3) -> -a1/+a1, each |r - mean| / (sample std + eps 1e-4)
+    a0, a1 = 0.5 / (math.sqrt(0.5) + 1e-4), 1.0 / (math.sqrt(2.0) + 1e-4)
+    assert first.advantages.tolist() == pytest.approx([-a0, -a1], abs=1e-6)
+    assert second.advantages.tolist() == pytest.approx([a1, a0], abs=1e-6)
     assert second.with_zero_weight().num_tokens == 0
 
 
@@ -95,3 +99,42 @@ def test_publisher_skips_broadcast_without_receivers_and_names_hf_tensors():
     assert update is None  # a group of one has no receivers
     stats = publisher.broadcast(3, update)
     assert stats.receivers == 0 and stats.bytes == 0 and stats.version == 3 and stats.ok
+
+
+def test_empty_completion_counts_in_its_group_advantages_by_default():
+    """An empty completion trains on no token, but by default (as in TRL) its reward stays in its
+    group's statistics: dropping it first would change every other member's advantage."""
+    rollouts = [_rollout(0, 0, 2, [0, 0], 1.0), _rollout(1, 0, 2, [0], 0.0), _rollout(2, 0, 2, [], 0.0),
+                _rollout(3, 0, 2, [0, 0, 0], 1.0)]
+    full_group = group_normalised_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0]), torch.zeros(4, dtype=torch.long))
+    prepared = prepare_batch(rollouts, 0, 1, micro_batch_size=4, advantage_fn=group_normalised_advantages)
+    (mb,) = prepared.micro_batches
+    assert prepared.dropped_empty == 1 and mb.completion_ids.shape[0] == 3
+    # length-sorted: rollout 1 (3 tokens in all), rollout 0 (4), rollout 3 (5)
+    torch.testing.assert_close(mb.advantages, full_group[[1, 0, 3]])
+    dropped = prepare_batch(rollouts, 0, 1, micro_batch_size=4, advantage_fn=group_normalised_advantages,
+                            empty_completions="drop")
+    torch.testing.assert_close(dropped.micro_batches[0].advantages,
+                               group_normalised_advantages(torch.tensor([0.0, 1.0, 1.0]), torch.zeros(3, dtype=torch.long)))
+
+
+def test_clip_gradients_zero_disables_clipping_and_reports_the_norm():
+    from tether.learner.gradients import clip_gradients
+
+    def grads(scale: float):
+        layer = torch.nn.Linear(3, 2)
+        with torch.no_grad():
+            layer.weight.fill_(1.0)
+            layer.bias.fill_(0.0)
+        (layer(torch.ones(1, 3)).sum() * scale).backward()
+        return layer
+
+    layer = grads(1.0)  # d/dW = 1 (6 entries), d/db = 1 (2 entries): norm sqrt(8)
+    assert clip_gradients(layer.parameters(), 0.0) == pytest.approx(math.sqrt(8))
+    assert torch.equal(layer.weight.grad, torch.ones(2, 3))  # 0 disables: untouched, not zeroed
+    layer = grads(1.0)
+    assert clip_gradients(layer.parameters(), 1.0) == pytest.approx(math.sqrt(8))  # the norm before clipping
+    total = torch.cat([layer.weight.grad.flatten(), layer.bias.grad]).norm()
+    assert total.item() == pytest.approx(1.0, rel=1e-5)
+    layer = grads(float("inf"))
+    assert not math.isfinite(clip_gradients(layer.parameters(), 1.0))

@@ -34,7 +34,7 @@ def test_all_on_row_is_at_the_fp32_floor(doctor):
     assert on["tokens"] == 8 * 12
     assert on["mean_abs_delta"] < 1e-5 and on["max_abs_delta"] < 1e-4
     assert on["outside_support"] == 0 and on["frac_abs_delta_gt_1e-3"] == 0.0
-    assert on["clip_fraction"] == 0.0 and on["kl_new_old"] < 1e-8
+    assert on["ratio_outside_trust_region"] == 0.0 and on["clipped_fraction"] == 0.0 and on["kl_new_old"] < 1e-8
     assert on["effective"]["logprobs_mode"] == "processed_logprobs"
 
 
@@ -60,6 +60,8 @@ def test_abort_and_reload_keeps_parity_but_discards_tokens(doctor):
     _, report, _ = doctor
     abort = _row(report, "abort_reload")
     assert abort["mean_abs_delta"] < 1e-5
+    # Both counts are measured (tokens of requests that ended aborted): the keep-the-requests update
+    # must abort none, abort-and-reload aborts requests that were already decoding.
     assert abort["tokens_discarded"] > 0 and _row(report, "all_on")["tokens_discarded"] == 0
 
 
@@ -71,4 +73,15 @@ def test_update_path_check_passes_and_outputs_exist(doctor):
     assert check["max_abs_delta"] <= 1e-5
     assert check["head_checksum_after_update"] == pytest.approx(check["head_checksum_w1"], rel=1e-6)
     assert (out / "parity.png").stat().st_size > 1000
-    assert report["diagnosis_order"] == "backend first, integration second, algorithm last"
+    # The clip can only change the loss of a token whose ratio left the trust region (the dual clip
+    # starts beyond 1 + clip_high): on every row the second share is within the first.
+    for row in report["rows"]:
+        assert 0.0 <= row["clipped_fraction"] <= row["ratio_outside_trust_region"] <= 1.0, row["key"]
+    # The printed table shows the JSON's numbers, row by row, and the check's verdict.
+    from tether.launch.parity import format_report
+
+    lines = format_report(report).splitlines()
+    for row in report["rows"]:
+        line = next(line for line in lines if line.startswith(row["config"]))
+        assert f"{row['mean_abs_delta']:9.2e}" in line and f"{row['clipped_fraction']:7.3f}" in line, line
+    assert next(line for line in lines if line.startswith("update path check")).endswith(": PASS")

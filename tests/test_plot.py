@@ -10,7 +10,7 @@ from tether.launch.plot import PANELS, plot_metrics, read_metrics
 def test_plot_writes_png_with_every_panel(tmp_path):
     metrics = tmp_path / "metrics.jsonl"
     lines = [json.dumps({"step": s, "reward_mean": s / 10, "kl_new_old": 1e-4 * (s + 1),
-                         "clamp_log_ratio_new_old_indicator": 0.01, "entropy": 1.0 - s / 20,
+                         "ratio_outside_trust_region": 0.02, "clipped_fraction": 0.01, "entropy": 1.0 - s / 20,
                          "parity_lag0_mean": 1e-7}) for s in (2, 1, 3)]
     metrics.write_text("\n".join(lines) + '\n{"step": 4, "reward_me')
     records = read_metrics(metrics)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import multiprocessing as mp
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 
 from tether.common.messages import TensorSpec
+from tether.common.net import free_port
 from tether.common.weight_group import (
     ALIGN,
     WeightReceiver,
@@ -19,12 +19,6 @@ from tether.common.weight_group import (
     spec_nbytes,
     tensor_specs,
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _named_tensors(seed: int) -> list[tuple[str, torch.Tensor]]:
@@ -73,7 +67,7 @@ def test_bucket_plan_respects_limit_order_and_alignment():
 @pytest.mark.slow
 @pytest.mark.parametrize("bucket_bytes", [4096, 1 << 20])
 def test_broadcast_is_bit_identical_between_processes(bucket_bytes):
-    port = _free_port()
+    port = free_port()
     # The broker's store: master in this process, the participants connect as clients.
     master = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
     epoch, seed = 3, 7
@@ -100,7 +94,7 @@ def test_broadcast_is_bit_identical_between_processes(bucket_bytes):
 
 @pytest.mark.slow
 def test_missing_sender_times_out_instead_of_hanging():
-    port = _free_port()
+    port = free_port()
     master = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
     with pytest.raises(Exception):  # noqa: B017 - gloo raises RuntimeError/DistStoreError by version
         join_weight_group("127.0.0.1", port, "weights/alone", 1, 2, backend="gloo", timeout_s=2)

@@ -10,12 +10,12 @@ LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs", "processed_logits", "raw
 GENERATION_CONFIG_SOURCES = ("vllm", "auto")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class EngineConfig(Section):
     """Every vLLM engine setting that changes numerics or scheduling, pinned explicitly.
 
-    The defaults are tether's parity settings (DESIGN.md, "the four corrections"); changing
-    one of the parity keys fails at start-up unless `allow_parity_break` is set.
+    The defaults are tether's parity settings (README.md, "Why tether": the four corrections);
+    changing one of the parity keys fails at start-up unless `allow_parity_break` is set.
     """
 
     SECTION = "actor.engine"
@@ -60,7 +60,7 @@ class EngineConfig(Section):
         self.require(self.kv_cache_space_gib > 0, "kv_cache_space_gib", "must be > 0")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SamplingConfig(Section):
     """Sampling for rollouts. The learner applies the same temperature, top-k and top-p."""
 
@@ -85,12 +85,16 @@ class SamplingConfig(Section):
         self.require(self.group_size >= 1, "group_size", "must be >= 1")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ActorConfig(Section):
+    """An actor daemon: one vLLM engine generating rollouts for the broker."""
+
     SECTION = "actor"
 
     engine: EngineConfig = field(default_factory=EngineConfig)
+    """The vLLM engine settings (actor.engine.*)."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """How rollouts are sampled (actor.sampling.*)."""
     actor_id: str = ""
     """Unique id; empty: actor-<host>-<pid>."""
     max_groups_in_flight: int = 16

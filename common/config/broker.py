@@ -7,8 +7,10 @@ from dataclasses import dataclass
 from tether.common.config.base import Section
 
 
-@dataclass
+@dataclass(kw_only=True)
 class BrokerConfig(Section):
+    """The broker daemon: endpoints, liveness, the rollout buffer and security."""
+
     SECTION = "broker"
 
     host: str = "127.0.0.1"

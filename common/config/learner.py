@@ -5,14 +5,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tether.common.config.base import Section
+from tether.learner.algorithms import ADVANTAGE_STDS, AGGREGATIONS, available_algorithms
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LearnerConfig(Section):
+    """The learner: algorithm, optimisation, batches, publishing and checkpoints."""
+
     SECTION = "learner"
 
     algorithm: str = "grpo"
-    """Registered loss (see tether.learner.algorithms): grpo, gspo, ppo, rloo, reinforce."""
+    """Registered loss, a module of tether.learner.algorithms: grpo, gspo, ppo, rloo, reinforce."""
     steps: int = 100
     """Optimizer steps to take; the weight version equals the step count."""
     rollouts_per_step: int = 64
@@ -24,7 +27,9 @@ class LearnerConfig(Section):
     weight_decay: float = 0.0
     """AdamW weight decay."""
     grad_clip: float = 1.0
-    """Clip the global gradient norm to this value; 0 disables clipping."""
+    """Clip the global gradient norm to this value; 0 disables clipping (the norm is still reported
+    as grad_norm). A step whose gradient norm is not finite is never applied: see steps_skipped_nonfinite
+    in docs/learner.md."""
     max_lag: int = 4
     """Rollouts with a token older than learner_version - max_lag are dropped and counted."""
     clip_low: float = 0.2
@@ -35,8 +40,26 @@ class LearnerConfig(Section):
     """token: mean over all tokens of the batch; sequence: mean of per-sequence means."""
     kl_coef: float = 0.0
     """Weight of the KL penalty to the reference (initial) policy; 0 disables it."""
+    dual_clip: float = 2.0
+    """grpo, ppo, gspo: dual-clip constant c (dual-clip PPO, Ye et al. 2020; verl's clip_ratio_c, TRL's
+    delta). A negative-advantage token's loss -A * ratio is capped at -A * c, so a token whose ratio
+    pi/pi_behaviour has exploded cannot dominate the step. 0 disables; otherwise it must be >=
+    1 + clip_high, or the cap would zero the gradient of tokens inside the trust region."""
     tis_cap: float = 2.0
-    """Truncated importance sampling cap on pi_old/pi_behaviour; 0 disables the correction."""
+    """rloo, reinforce: truncated importance sampling against the behaviour policy; each token's
+    weight min(pi/pi_behaviour, tis_cap) is held constant in the gradient. 0 disables (weight 1);
+    otherwise it must be >= 1 so that on-policy tokens keep weight 1."""
+    advantage_std: str = "sample"
+    """grpo, gspo: the group std that divides (r - group mean). sample (n - 1, Bessel) is what TRL's
+    GRPOTrainer and torch.std use, so an engineer coming from TRL gets the same advantages for the same
+    rewards; population divides by n (larger advantages in small groups)."""
+    advantage_eps: float = 1e-4
+    """grpo, gspo: added to the group std before dividing (> 0). TRL's 1e-4: rewards that differ only
+    by float noise (1e-7 apart) stay near-zero advantages, where 1e-6 turned them into up to 0.085."""
+    empty_completions: str = "group"
+    """A completion with no token trains on nothing either way. group (as TRL): its reward still
+    counts in its group's mean and std, so the other members' advantages are those of the whole group
+    as sampled; drop: it is removed first and the group is normalised over its other members."""
     publish_interval: int = 1
     """Broadcast weights every this many steps."""
     bucket_mb: int = 64
@@ -60,13 +83,21 @@ class LearnerConfig(Section):
     def __post_init__(self) -> None:
         for key in ("steps", "rollouts_per_step", "micro_batch_size", "publish_interval", "bucket_mb", "num_threads"):
             self.require(getattr(self, key) >= 1, key, "must be >= 1")
+        self.require_choice("algorithm", tuple(available_algorithms()))
         self.require(self.lr > 0, "lr", "must be > 0")
+        self.require(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables clipping)")
         self.require(self.max_lag >= 0, "max_lag", "must be >= 0")
         self.require(0 <= self.clip_low < 1, "clip_low", "must be in [0, 1)")
         self.require(self.clip_high >= 0, "clip_high", "must be >= 0")
-        self.require_choice("loss_aggregation", ("token", "sequence"))
+        self.require_choice("loss_aggregation", AGGREGATIONS)
         self.require(self.kl_coef >= 0, "kl_coef", "must be >= 0")
-        self.require(self.tis_cap >= 0, "tis_cap", "must be >= 0")
+        self.require(self.dual_clip == 0 or self.dual_clip >= 1 + self.clip_high, "dual_clip",
+                     f"must be 0 (off) or >= 1 + learner.clip_high ({1 + self.clip_high:g})")
+        self.require(self.tis_cap == 0 or self.tis_cap >= 1, "tis_cap", "must be 0 (off) or >= 1")
+        self.require_choice("advantage_std", ADVANTAGE_STDS)
+        self.require(self.advantage_eps > 0, "advantage_eps",
+                     "must be > 0 (equal rewards give r - mean and std of float rounding: 0/0 without it)")
+        self.require_choice("empty_completions", ("group", "drop"))
         self.require_choice("publish_to", ("broker", "static", "none"))
         if self.publish_to == "static":
             parts = self.static_group.rsplit(":", 2)

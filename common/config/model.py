@@ -9,8 +9,10 @@ from tether.common.config.base import Section
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ModelConfig(Section):
+    """The policy model, loaded identically by actors and learner."""
+
     SECTION = "model"
 
     path: str = ""
@@ -24,8 +26,10 @@ class ModelConfig(Section):
         self.require_choice("dtype", DTYPES)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TaskConfig(Section):
+    """The task: where prompts come from and how completions are rewarded."""
+
     SECTION = "task"
 
     name: str = "arithmetic"

@@ -12,8 +12,10 @@ from tether.common.config.learner import LearnerConfig
 from tether.common.config.model import ModelConfig, TaskConfig
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunSection(Section):
+    """The run as a whole: name, directory, seed, logging, device."""
+
     SECTION = "run"
 
     name: str = "tether"
@@ -33,8 +35,10 @@ class RunSection(Section):
         self.require_choice("device", ("auto", "cpu", "cuda"))
 
 
-@dataclass
+@dataclass(kw_only=True)
 class WeightSyncConfig(Section):
+    """Weight updates: the broadcast group from learner rank 0 to every actor worker."""
+
     SECTION = "weights"
 
     backend: str = "auto"
@@ -52,17 +56,24 @@ class WeightSyncConfig(Section):
         self.require(self.timeout_s > 0, "timeout_s", "must be > 0")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunConfig(Section):
     """Everything one tether run needs. Each daemon reads its own section plus the shared ones."""
 
     run: RunSection = field(default_factory=RunSection)
+    """Name, directory, seed, logging and device of the run (every daemon)."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy model (actor and learner)."""
     task: TaskConfig = field(default_factory=TaskConfig)
+    """Prompts and rewards (actor)."""
     broker: BrokerConfig = field(default_factory=BrokerConfig)
+    """The broker daemon, and where every other daemon finds it."""
     actor: ActorConfig = field(default_factory=ActorConfig)
+    """Actor daemons."""
     learner: LearnerConfig = field(default_factory=LearnerConfig)
+    """The learner."""
     weights: WeightSyncConfig = field(default_factory=WeightSyncConfig)
+    """Weight updates from the learner to the actors."""
 
     def __post_init__(self) -> None:
         group = self.actor.sampling.group_size

@@ -16,19 +16,30 @@ from dataclasses import dataclass, field
 
 import torch
 
-AGGREGATIONS = ("token", "sequence")
+from tether.learner.algorithms import ADVANTAGE_STDS, AGGREGATIONS
+
+LOG_RATIO_CLAMP = 20.0
+"""|log pi - log pi_behaviour| is clamped to this before exp. float32 exp overflows above about 88.7,
+and a behaviour logprob of -100 is a valid rollout: the ratio would be inf and its gradient, even
+where the clip discards the term, 0 * inf = NaN in every weight. exp(20) ~ 4.9e8 is far outside any
+trust region, so the clamp only touches tokens the clip already treats as extreme (verl clamps the
+same way); a clamped token passes no gradient."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class LossParams:
-    """Hyper-parameters every loss may read (from LearnerConfig)."""
+    """Hyper-parameters every loss may read (from LearnerConfig, whose docstrings say more)."""
 
     clip_low: float = 0.2
     """The ratio is clipped below at 1 - clip_low."""
     clip_high: float = 0.28
     """The ratio is clipped above at 1 + clip_high (clip-higher when > clip_low)."""
+    dual_clip: float = 2.0
+    """grpo, ppo, gspo: dual-clip constant c; a negative-advantage token's loss is capped at -A * c.
+    0 disables. LearnerConfig requires c >= 1 + clip_high (below it the cap would act inside the
+    trust region)."""
     tis_cap: float = 2.0
-    """Truncated importance sampling: no token's weight pi/pi_behaviour counts above this; 0 disables."""
+    """rloo, reinforce: truncated importance weight min(pi / pi_behaviour, tis_cap); 0 disables (weight 1)."""
     kl_coef: float = 0.0
     """Weight of the per-token KL to the reference policy (k3 estimator)."""
     aggregation: str = "token"
@@ -37,6 +48,20 @@ class LossParams:
     def __post_init__(self) -> None:
         if self.aggregation not in AGGREGATIONS:
             raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {self.aggregation!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdvantageParams:
+    """How group-normalised advantages (grpo, gspo) scale by the group's spread."""
+
+    std: str = "sample"
+    """sample: std with Bessel's correction (n - 1), as TRL and torch.std; population: divide by n."""
+    eps: float = 1e-4
+    """Added to the group std before dividing (TRL's value)."""
+
+    def __post_init__(self) -> None:
+        if self.std not in ADVANTAGE_STDS:
+            raise ValueError(f"std must be one of {ADVANTAGE_STDS}, got {self.std!r}")
 
 
 @dataclass(frozen=True)
@@ -70,44 +95,53 @@ class Algorithm:
     """What a module in tether.learner.algorithms registers."""
 
     name: str
-    advantages: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    """(rewards [N], group_index [N] ints) -> advantages [N]."""
+    advantages: Callable[..., torch.Tensor]
+    """(rewards [N], group_index [N] ints, AdvantageParams) -> advantages [N]; the params may be left out
+    (defaults) and are ignored by estimators without a std."""
     loss: Callable[[LossInput, LossParams], LossOutput]
 
 
 # ---- advantages -------------------------------------------------------------------------------
 
-def _group_stats(rewards: torch.Tensor, group_index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-sequence group size, group mean and group (population) std."""
+_DEFAULT_ADVANTAGES = AdvantageParams()
+
+
+def _group_stats(rewards: torch.Tensor, group_index: torch.Tensor, ddof: int = 0,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-sequence group size, group mean and group std (divided by n - ddof; 0 for a group of one)."""
     groups = int(group_index.max()) + 1 if group_index.numel() else 0
     count = torch.zeros(groups, dtype=torch.float64).index_add_(0, group_index, torch.ones_like(rewards, dtype=torch.float64))
     total = torch.zeros(groups, dtype=torch.float64).index_add_(0, group_index, rewards.double())
     mean = total / count
     sq = torch.zeros(groups, dtype=torch.float64).index_add_(0, group_index, (rewards.double() - mean[group_index]) ** 2)
-    std = (sq / count).sqrt()
+    std = (sq / (count - ddof).clamp(min=1.0)).sqrt()
     return count[group_index], mean[group_index], std[group_index]
 
 
-def group_normalised_advantages(rewards: torch.Tensor, group_index: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """GRPO: (r - group mean) / (group std + eps)."""
-    _, mean, std = _group_stats(rewards, group_index)
-    return ((rewards.double() - mean) / (std + eps)).float()
+def group_normalised_advantages(rewards: torch.Tensor, group_index: torch.Tensor,
+                                params: AdvantageParams = _DEFAULT_ADVANTAGES) -> torch.Tensor:
+    """GRPO: (r - group mean) / (group std + eps), std and eps as `params` say."""
+    _, mean, std = _group_stats(rewards, group_index, ddof=1 if params.std == "sample" else 0)
+    return ((rewards.double() - mean) / (std + params.eps)).float()
 
 
-def group_centred_advantages(rewards: torch.Tensor, group_index: torch.Tensor) -> torch.Tensor:
+def group_centred_advantages(rewards: torch.Tensor, group_index: torch.Tensor,
+                             params: AdvantageParams = _DEFAULT_ADVANTAGES) -> torch.Tensor:
     """r - group mean, no std scaling (no length or difficulty bias from the std)."""
     _, mean, _ = _group_stats(rewards, group_index)
     return (rewards.double() - mean).float()
 
 
-def leave_one_out_advantages(rewards: torch.Tensor, group_index: torch.Tensor) -> torch.Tensor:
+def leave_one_out_advantages(rewards: torch.Tensor, group_index: torch.Tensor,
+                             params: AdvantageParams = _DEFAULT_ADVANTAGES) -> torch.Tensor:
     """RLOO: r_i - mean of the other rewards of its group (0 for a group of one)."""
     count, mean, _ = _group_stats(rewards, group_index)
     others = (mean * count - rewards.double()) / (count - 1).clamp(min=1)
     return torch.where(count > 1, rewards.double() - others, torch.zeros_like(others)).float()
 
 
-def raw_reward_advantages(rewards: torch.Tensor, group_index: torch.Tensor) -> torch.Tensor:
+def raw_reward_advantages(rewards: torch.Tensor, group_index: torch.Tensor,
+                          params: AdvantageParams = _DEFAULT_ADVANTAGES) -> torch.Tensor:
     """Plain REINFORCE: the reward itself, no baseline."""
     return rewards.float().clone()
 
@@ -130,8 +164,11 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
-    """Per-token estimate of KL(pi || pi_ref) on samples from pi: exp(d) - d - 1 with d = ref - logp (>= 0)."""
-    log_ratio = ref_logprobs - logprobs
+    """Per-token estimate of KL(pi || pi_ref) on samples from pi: exp(d) - d - 1 with d = ref - logp (>= 0).
+
+    d is clamped like the policy ratio's log (clamp_log_ratio): exp(d) must not overflow either.
+    """
+    log_ratio = clamp_log_ratio(ref_logprobs - logprobs)
     return torch.exp(log_ratio) - log_ratio - 1.0
 
 
@@ -146,27 +183,48 @@ def add_kl_penalty(per_token: torch.Tensor, inp: LossInput, params: LossParams, 
     return per_token + params.kl_coef * kl
 
 
-def clipped_surrogate(ratio: torch.Tensor, advantages: torch.Tensor, params: LossParams) -> tuple[torch.Tensor, torch.Tensor]:
-    """PPO's pessimistic clipped objective with asymmetric bounds and a truncated IS weight.
+def clamp_log_ratio(log_ratio: torch.Tensor) -> torch.Tensor:
+    """log_ratio limited to [-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP], so that exp of it stays finite."""
+    return log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
 
-    Returns (pg_loss, clipped indicator). `ratio` and `advantages` broadcast together. With
-    tis_cap > 0, a negative-advantage sample's weight is truncated at tis_cap (the clip already
-    bounds positive advantages at 1 + clip_high), so no stale token's weight counts above the cap.
+
+def outside_trust_region(ratio: torch.Tensor, params: LossParams) -> torch.Tensor:
+    """1.0 where the ratio lies outside [1 - clip_low, 1 + clip_high], else 0.0 (detached).
+
+    PipelineRL's clip indicator: how far the policy has moved from the behaviour policy, whether or
+    not the clip then changed the loss (that is the separate `clipped` indicator).
+    """
+    ratio = ratio.detach()
+    return ((ratio < 1.0 - params.clip_low) | (ratio > 1.0 + params.clip_high)).float()
+
+
+def clipped_surrogate(ratio: torch.Tensor, advantages: torch.Tensor, params: LossParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's pessimistic clipped objective with asymmetric bounds, plus the dual clip.
+
+    Returns (pg_loss, clipped), where clipped is 1.0 where a clip changed the loss from the plain
+    -A * ratio. `ratio` and `advantages` broadcast together. Dual clip (Ye et al. 2020, verl's
+    clip_ratio_c, TRL's delta): for A < 0 the pessimistic max keeps -A * ratio, which grows without
+    bound with the ratio; with dual_clip = c > 0 it is capped at -A * c, so one stale token whose
+    ratio exploded cannot dominate the step. The clip already bounds positive advantages at
+    1 + clip_high.
     """
     pg_loss1 = -advantages * ratio
     pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - params.clip_low, 1.0 + params.clip_high)
     pg_loss = torch.max(pg_loss1, pg_loss2)
-    clipped = (pg_loss2 > pg_loss1).float()
-    if params.tis_cap > 0:
-        pg_loss = torch.where(advantages < 0, torch.min(pg_loss, -advantages * params.tis_cap), pg_loss)
-    return pg_loss, clipped
+    clipped = pg_loss2 > pg_loss1
+    if params.dual_clip > 0:
+        pg_loss3 = -advantages * params.dual_clip
+        dual_clipped = (advantages < 0) & (pg_loss3 < pg_loss)
+        pg_loss = torch.where(dual_clipped, pg_loss3, pg_loss)
+        clipped = clipped | dual_clipped
+    return pg_loss, clipped.float()
 
 
-def truncated_is_weight(log_ratio: torch.Tensor, tis_cap: float) -> torch.Tensor:
-    """min(pi / pi_behaviour, cap), detached: the truncated importance weight.
+def truncated_is_weight(ratio: torch.Tensor, tis_cap: float) -> torch.Tensor:
+    """min(pi / pi_behaviour, tis_cap), detached: the truncated importance weight.
 
     With tis_cap == 0 the correction is off and the weight is 1 (plain on-policy REINFORCE).
     """
     if tis_cap == 0:
-        return torch.ones_like(log_ratio)
-    return torch.exp(log_ratio.detach()).clamp(max=tis_cap)
+        return torch.ones_like(ratio)
+    return ratio.detach().clamp(max=tis_cap)

@@ -1,4 +1,4 @@
-"""Plain REINFORCE: advantage = reward (no baseline), truncated importance weight as in RLOO."""
+"""Plain REINFORCE: advantage = reward (no baseline), truncated importance weight (tis_cap) as in RLOO."""
 
 from __future__ import annotations
 
