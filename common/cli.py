@@ -17,6 +17,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "status": ("tether.broker.status", "the broker's live table: peers, versions, lag, buffer, rollouts/s"),
     "keys": ("tether.broker.keys", "make ZeroMQ CURVE keys for the broker and its clients"),
     "parity": ("tether.launch.parity", "parity doctor: actor vs learner logprobs with each correction on/off"),
+    "rollouts": ("tether.launch.rollouts_view", "readable view of a run's rollout archive (run.keep_rollouts)"),
+    "audit": ("tether.launch.audit", "recompute archived rollouts' logprobs with the checkpoints that produced them"),
 }
 
 

@@ -24,12 +24,19 @@ import torch.distributed as dist
 from tether.common.config import RunConfig
 from tether.common.logging import get_logger
 from tether.learner.algorithms import LossInput, LossParams, get_algorithm
+from tether.learner.archive import open_archive
 from tether.learner.batch import MicroBatch, prepare_batch
-from tether.learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from tether.learner.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from tether.learner.logprobs import processed_entropy, processed_logprobs
-from tether.learner.metrics import MetricsWriter, StepMetrics
+from tether.learner.metrics import StepMetrics
 from tether.learner.model import completion_logits, load_policy, resolve_body_dtype, resolve_device
 from tether.learner.publish import PublishStats, Rendezvous, WeightPublisher
+from tether.learner.sinks import build_sinks
 from tether.learner.source import BatchSource
 
 log = get_logger(__name__)
@@ -124,7 +131,8 @@ class Learner:
                 fp32_lm_head=self.fp32_lm_head, rendezvous=rendezvous, backend=config.weights.backend,
                 device=self.device, timeout_s=config.weights.timeout_s,
             )
-        self.writer = MetricsWriter(self.run_dir) if self.rank == 0 else None
+        self.writer = build_sinks(config) if self.rank == 0 else None  # run.report_to
+        self.archive = open_archive(config, self.model_dir, self.rank, self.world_size)  # run.keep_rollouts
 
     # ---- one optimizer step -------------------------------------------------------------------
 
@@ -166,6 +174,8 @@ class Learner:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.version += 1
+        if self.archive is not None:
+            self.archive.write(self.version, prepared.kept, prepared.advantages)
 
         g = m.reduce(self.device)
         seconds = time.perf_counter() - started
@@ -334,8 +344,12 @@ class Learner:
         return self.publisher.serve_republish(self.version)
 
     def save_checkpoint(self) -> Path:
-        return save_checkpoint(self.run_dir, self.version, self.model, self.optimizer, self.model_dir,
+        path = save_checkpoint(self.run_dir, self.version, self.model, self.optimizer, self.model_dir,
                                self.body_dtype, self.fp32_lm_head)
+        if self.rank == 0:
+            cfg = self.config.learner
+            prune_checkpoints(self.run_dir, cfg.keep_checkpoint_every, cfg.keep_last_checkpoints)
+        return path
 
     def maybe_checkpoint(self) -> Path | None:
         cfg = self.config.learner
@@ -345,3 +359,7 @@ class Learner:
     def close(self) -> None:
         if self.publisher is not None:
             self.publisher.close()
+        if self.archive is not None:
+            self.archive.close()
+        if self.writer is not None:
+            self.writer.close()
