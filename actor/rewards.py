@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from tether.actor.tasks.base import Prompt, Task
 from tether.common.config import TaskConfig
 from tether.common.errors import ConfigError
@@ -82,7 +84,7 @@ def _short(value: Any) -> str:
 
 def _check_values(values: Any, n: int) -> list[float | None]:
     """The function's return value as n floats or None; ValueError saying what is wrong."""
-    if isinstance(values, str | bytes) or not isinstance(values, Sequence | _array_types()):
+    if isinstance(values, str | bytes) or not isinstance(values, Sequence | np.ndarray):
         raise ValueError(f"returned {type(values).__name__}, expected a list of {n} floats (or None)")
     values = list(values)
     if len(values) != n:
@@ -100,12 +102,6 @@ def _check_values(values: Any, n: int) -> list[float | None]:
             raise ValueError(f"returned {number}, rewards must be finite (None means no reward)")
         out.append(number)
     return out
-
-
-def _array_types() -> tuple[type, ...]:
-    import numpy as np
-
-    return (np.ndarray,)
 
 
 @dataclass
@@ -187,7 +183,9 @@ class RewardScorer:
         try:
             values = _check_values(call(prompts, completions, ids), len(prompts))
             failed = 0
-        except Exception:  # noqa: BLE001  a user's function may raise anything; find the samples that do it
+        except Exception as exc:  # noqa: BLE001  a user's function may raise anything; find the samples that do it
+            log.warning("reward_function_batch_error", function=name, samples=len(prompts),
+                        error=f"{type(exc).__name__}: {exc}", action="scoring the batch one sample at a time")
             results = [self._call_one(name, call, p, c, i) for p, c, i in zip(prompts, completions, ids, strict=True)]
             values = [value for value, _ in results]
             failed = sum(error for _, error in results)

@@ -86,7 +86,7 @@ def plot_metrics(metrics_path: str | Path, out_png: str | Path) -> Path:
         if steps:
             ax.plot(steps, values, marker=".", linestyle="none", alpha=0.35, color="tab:blue", markersize=4)
             ax.plot(steps, smooth(values), linewidth=1.6, color="tab:blue")
-            if scale == "log" and all(v > 0 for v in values):
+            if scale == "log" and all(v > 0 for v in values) and max(values) > min(values):
                 ax.set_yscale("log")
         if keys == ("lag_mean",):
             low, high = _series(records, ("lag_min",)), _series(records, ("lag_max",))
