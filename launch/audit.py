@@ -149,7 +149,8 @@ def _ranges(versions: list[int]) -> str:
 
 
 def audit(run_dir: str | Path, *, sample: int = 0, seed: int = 0, batch_size: int = 32) -> AuditReport:
-    """Audit the archive of `run_dir`; `sample` > 0 checks at most that many sequences per version."""
+    """Audit the archive of `run_dir`; `sample` > 0 checks at most that many single-version sequences
+    and as many update-spanning ones per version."""
     import transformers
 
     from tether.learner.archive import archive_parts, read_archive
@@ -184,8 +185,11 @@ def audit(run_dir: str | Path, *, sample: int = 0, seed: int = 0, batch_size: in
     rng = random.Random(seed)
     for version in sorted(v for v in by_version if v in weights):
         chosen = by_version[version]
-        if sample and len(chosen) > sample:
-            chosen = sorted(rng.sample(chosen, sample))
+        if sample:
+            # Sampled separately: sequences an update reached are rare and would drown among pure ones.
+            pure = [i for i in chosen if len(set(rows[i]["versions"])) == 1]
+            spanning = [i for i in chosen if len(set(rows[i]["versions"])) > 1]
+            chosen = sorted(rng.sample(pure, min(sample, len(pure))) + rng.sample(spanning, min(sample, len(spanning))))
         model = load_reference(weights[version], model_settings.dtype, model_settings.fp32_lm_head)
         recomputed = recompute(model, [rows[i] for i in chosen], batch_size)
         diffs: dict[str, list[np.ndarray]] = {k: [] for k in KINDS}
@@ -241,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     """`tether audit RUN_DIR [--sample N] [--json FILE]`: recompute archived logprobs per version."""
     parser = argparse.ArgumentParser(prog="tether audit", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", help="run directory with rollouts/ (run.keep_rollouts) and checkpoints/")
-    parser.add_argument("--sample", type=int, default=0, help="at most this many sequences per version (0: all)")
+    parser.add_argument("--sample", type=int, default=0,
+                        help="per version, at most this many single-version and as many update-spanning sequences (0: all)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample")
     parser.add_argument("--json", dest="json_path", help="also write the report as JSON to this file")
     args = parser.parse_args(argv)

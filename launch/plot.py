@@ -3,7 +3,7 @@
 Each panel shows the raw points faintly and an exponentially smoothed line over them (TensorBoard's
 smoothing, SMOOTHING = 0.8), so a trend reads through step-to-step noise. The top axis gives the
 learner's elapsed minutes at those steps (from `elapsed_s`; runs resumed from a checkpoint continue
-the clock where the previous process stopped).
+the clock where the previous process stopped), labelled at the step ticks.
 """
 
 from __future__ import annotations
@@ -96,12 +96,17 @@ def plot_metrics(metrics_path: str | Path, out_png: str | Path) -> Path:
         ax.grid(alpha=0.3)
     axes[-1].set_xlabel("step (weight version)")
     if len(records) >= 2:
+        # The clock as a second row of labels at the step ticks: elapsed minutes when that step was written.
         steps = np.array([r["step"] for r in records], dtype=float)
         minutes = np.array(wall_clock_minutes(records))
-        if np.all(np.diff(steps) > 0) and np.all(np.diff(minutes) >= 0) and minutes[-1] > minutes[0]:
-            top = axes[0].secondary_xaxis(
-                "top", functions=(lambda s: np.interp(s, steps, minutes), lambda m: np.interp(m, minutes, steps)))
-            top.set_xlabel("wall clock (minutes since the learner started)", fontsize=8)
+        low, high = axes[-1].get_xlim()
+        ticks = [t for t in axes[-1].get_xticks() if low <= t <= high]
+        top = axes[0].twiny()
+        top.set_xlim(low, high)
+        top.set_xticks(ticks)
+        top.set_xticklabels([f"{m:.1f}" for m in np.interp(ticks, steps, minutes)], fontsize=8)
+        top.set_xlabel("wall clock (minutes since the learner started)", fontsize=8)
+        axes[0].set_title(axes[0].get_title(), fontsize=9, pad=30)
     fig.tight_layout()
     out = Path(out_png)
     fig.savefig(out, dpi=100)

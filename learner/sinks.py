@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from tether.common.config import RunConfig
+from tether.common.errors import ConfigError
 from tether.common.logging import get_logger
 from tether.learner.metrics import MetricsWriter
 
@@ -95,10 +96,13 @@ class WandbSink:
     """A Weights & Biases run named run.name in project run.wandb_project, files under <run_dir>/wandb/."""
 
     def __init__(self, config: RunConfig, run_dir: Path):
-        import wandb
+        try:
+            import wandb
+        except ImportError:
+            raise ConfigError("run.report_to: wandb is listed but the wandb package is not installed "
+                              "(pip install 'tether-rl[wandb]')") from None
 
         self.mode = wandb_mode(config.run.wandb_mode)
-        (run_dir / WANDB_DIR).parent.mkdir(parents=True, exist_ok=True)
         # console capture and system stats off: the learner's own logs are the console record, and
         # a sampling thread per run would take CPU from training on a small machine.
         self._run = wandb.init(
