@@ -9,14 +9,17 @@ evaluation measures the numerics that RL samples from.
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from tether.actor.chat import encode_prompt
 from tether.actor.engine_args import check_parity, engine_kwargs
+from tether.actor.rewards import RewardScorer
 from tether.actor.tasks import Task, build_task
 from tether.common.config import EngineConfig, ModelConfig, load_config
 from tether.common.device import resolve_device
-from tether.common.errors import ConfigError
+from tether.common.errors import ConfigError, TaskDataError
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,8 @@ def evaluate_greedy(
     device: str = "cpu",
     llm=None,
 ) -> EvalReport:
-    """Greedy (temperature 0) completions of `task.eval_prompts()` by real vLLM V1, scored by the task.
+    """Greedy (temperature 0) completions of `task.eval_prompts()` by real vLLM V1, scored by the task's
+    reward functions (task.reward, else its own reward; chat prompts go through the chat template).
 
     Pass a running `llm` (from `start_engine`) to reuse an engine; otherwise one is started for
     `model_dir` and shut down afterwards. Completions stop at eos or after `max_tokens` tokens.
@@ -81,15 +85,17 @@ def evaluate_greedy(
     engine = start_engine(model_dir, engine_cfg, model_cfg, device) if owned else llm
     try:
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, skip_special_tokens=True)
-        outputs = engine.generate([p.text for p in prompts], params, use_tqdm=False)
+        tokenizer = engine.get_tokenizer()
+        inputs = [{"prompt_token_ids": encode_prompt(p, tokenizer)} for p in prompts]
+        outputs = engine.generate(inputs, params, use_tqdm=False)
     finally:
         if owned:
             shutdown_engine(engine)
-    results = []
-    for prompt, output in zip(prompts, outputs, strict=True):
-        completion = output.outputs[0].text
-        results.append(PromptResult(prompt.prompt_id, prompt.text, prompt.answer, completion,
-                                    task.reward(prompt, completion)))
+    completions = [output.outputs[0].text for output in outputs]
+    scorer = task.scorer or RewardScorer([], task=task)
+    rewards = scorer.score(prompts, completions, [list(output.outputs[0].token_ids) for output in outputs]).rewards
+    results = [PromptResult(prompt.prompt_id, prompt.text, prompt.answer, completion, reward)
+               for prompt, completion, reward in zip(prompts, completions, rewards, strict=True)]
     return EvalReport(
         task=task.name,
         accuracy=sum(r.reward >= 1.0 for r in results) / len(results),
@@ -114,13 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=None, help="YAML run config")
     parser.add_argument("--max-tokens", type=int, default=16, help="completion length limit (default 16)")
     parser.add_argument("--show", type=int, default=0, help="print this many per-prompt results")
+    parser.add_argument("--json", dest="json_path", default=None, help="also write the report (with results) as JSON")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. task.eval_size=100")
     args = parser.parse_args(argv)
     overrides = list(args.overrides) + ([f"task.name={args.task}"] if args.task else [])
     try:
         config = load_config(args.config, overrides)
         task = build_task(config.task)
-    except ConfigError as exc:
+    except (ConfigError, TaskDataError) as exc:
         parser.exit(2, f"tether eval: {exc}\n")
     report = evaluate_greedy(args.model, task, config.actor.engine, config.model,
                              max_tokens=args.max_tokens, device=config.run.device)
@@ -128,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{result.prompt!r} -> {result.completion!r} (answer {result.answer!r}, reward {result.reward})")
     print(f"task {report.task}: greedy accuracy {report.accuracy:.4f} "
           f"({round(report.accuracy * report.num_prompts)}/{report.num_prompts}), mean reward {report.mean_reward:.4f}")
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(asdict(report), indent=1))
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Rollout groups: n completions per prompt, scored by the task, packed as wire Rollouts.
+"""Rollout groups: n completions per prompt, scored by the reward functions, packed as wire Rollouts.
 
 Bounded work in flight: `RolloutPump` starts at most `max_groups_in_flight` groups at once, and each
 group only with a generation grant from the broker (admission by version: a grant means the group
@@ -16,11 +16,14 @@ import asyncio
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 import numpy as np
 
+from tether.actor.chat import encode_prompt
 from tether.actor.engine import ActorEngine, Completion
+from tether.actor.rewards import RewardScorer
 from tether.actor.tasks import Prompt, Task
 from tether.common.config import SamplingConfig
 from tether.common.logging import get_logger
@@ -64,12 +67,19 @@ def to_rollout(completion: Completion, *, group_id: str, group_size: int, actor_
 
 
 class GroupGenerator:
-    """Generates one group (group_size completions of a prompt) and scores it with the task."""
+    """Generates one group (group_size completions of a prompt) and scores it as a batch.
+
+    Scoring runs the reward functions (`scorer`, by default the one `build_task` attached) on one worker
+    thread: a slow function does not stall the event loop that streams the engine's outputs, and a
+    user's function is never called from two threads at once.
+    """
 
     def __init__(self, engine: ActorEngine, task: Task, tokenizer, sampling: SamplingConfig, actor_id: str,
-                 seed: int = 0):
+                 seed: int = 0, scorer: RewardScorer | None = None):
         self.engine, self.task, self.tokenizer = engine, task, tokenizer
         self.sampling, self.actor_id = sampling, actor_id
+        self.scorer = scorer or task.scorer or RewardScorer([], task=task)
+        self._reward_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reward")
         self._seed = seed * 1_000_003  # per-completion seeds: distinct, reproducible for a given actor seed
 
     def _next_seed(self) -> int:
@@ -77,7 +87,7 @@ class GroupGenerator:
         return self._seed % (1 << 63)
 
     async def generate(self, prompt: Prompt) -> list[Rollout]:
-        prompt_ids = self.tokenizer(prompt.text, add_special_tokens=False)["input_ids"]
+        prompt_ids = encode_prompt(prompt, self.tokenizer)
         group_id = f"{self.actor_id}-{uuid.uuid4().hex[:12]}"
         seeds = [self._next_seed() for _ in range(self.sampling.group_size)]
         completions = await asyncio.gather(*[
@@ -85,11 +95,13 @@ class GroupGenerator:
         ])
         if any(np.any(np.diff(c.versions) < 0) for c in completions):
             return []  # spans a rewind to an older checkpoint: its first tokens name abandoned weights
+        scored = await asyncio.get_running_loop().run_in_executor(
+            self._reward_thread, self.scorer.score, [prompt] * len(completions), [c.text for c in completions],
+            [list(c.token_ids) for c in completions])
         return [
             to_rollout(c, group_id=group_id, group_size=self.sampling.group_size, actor_id=self.actor_id,
-                       task=self.task.name or "task", reward=self.task.reward(prompt, c.text),
-                       sampling=self.sampling, seed=seed)
-            for c, seed in zip(completions, seeds, strict=True)
+                       task=self.task.name or "task", reward=reward, sampling=self.sampling, seed=seed)
+            for c, seed, reward in zip(completions, seeds, scored.rewards, strict=True)
         ]
 
 

@@ -18,6 +18,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "keys": ("tether.broker.keys", "make ZeroMQ CURVE keys for the broker and its clients"),
     "parity": ("tether.launch.parity", "parity doctor: actor vs learner logprobs with each correction on/off"),
     "chaos": ("tether.launch.chaos", "kill daemons during a real run and prove nothing acked was lost or trained twice"),
+    "rollouts": ("tether.launch.rollouts_view", "readable view of a run's rollout archive (run.keep_rollouts)"),
+    "audit": ("tether.launch.audit", "recompute archived rollouts' logprobs with the checkpoints that produced them"),
 }
 
 

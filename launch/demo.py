@@ -3,11 +3,14 @@
 1. Build (or reuse) the embedded tiny model and measure its held-out greedy accuracy with vLLM V1.
 2. Train it with the whole system: a broker, N actors (vLLM V1, in-flight weight updates) and a
    torchrun learner of R ranks (FSDP2), with live progress from the learner's metrics.
-3. Measure the trained model's held-out greedy accuracy the same way, plot the run's metrics and
-   write a summary.
+3. Measure the trained model's held-out greedy accuracy the same way, plot the run's metrics,
+   audit a sample of the archived rollouts against the kept checkpoints (tether audit) and write a
+   summary.
 
 Everything lands in the run directory: resolved configs, logs, metrics.jsonl, checkpoints,
-metrics.png and summary.json. Ctrl-C or SIGTERM stops every daemon.
+the rollout archive, metrics.png, audit.json and summary.json. The console shows tether's progress
+and results only: engine output (vLLM's own logging, evaluation warnings) goes to logs/.
+Ctrl-C or SIGTERM stops every daemon.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import dataclasses
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -53,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(config.run.dir)
     if not args.resume:
         _clear_training_state(run_dir)
-    configure_logging("demo", run_dir=run_dir, level=config.run.log_level)
+    # The console carries tether's own progress lines (printed below); every log record, tether's and
+    # any library's, goes to logs/demo.jsonl.
+    configure_logging("demo", run_dir=run_dir, level=config.run.log_level, console=False)
     started = time.monotonic()
 
     model_dir = Path(config.model.path) if config.model.path else _ensure_tiny_model(run_dir / "tiny-model", config)
@@ -61,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(args.config, overrides + [f"model.path={model_dir}"])
     run_config_path = save_resolved(config, run_dir, "run")
 
-    before = None if args.no_eval else _evaluate(model_dir, config, "warm start")
+    before = None if args.no_eval else _evaluate(model_dir, run_config_path, config, "warm start")
     train_started = time.monotonic()
     try:
         records = _train(config, run_config_path, args.actors, args.learner_ranks)
@@ -72,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
 
     plot = plot_metrics(run_dir / "metrics.jsonl", run_dir / "metrics.png") if records else None
     trained = _final_model(run_dir)
-    after = None if args.no_eval or trained is None else _evaluate(trained, config, "trained")
+    after = None if args.no_eval or trained is None else _evaluate(trained, run_config_path, config, "trained")
+    audited = _audit(run_dir) if config.run.keep_rollouts and records else None
     summary = {
         "run_dir": str(run_dir),
         "task": config.task.name,
@@ -87,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         "parity_lag0_max_over_run": max((r["parity_lag0_max"] for r in records if r.get("parity_lag0_tokens")), default=None),
         "trained_model": str(trained) if trained else None,
         "plot": str(plot) if plot else None,
+        "audit": audited,
+        "logs": str(run_dir / "logs"),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     log.info("demo finished", **summary)
@@ -96,9 +105,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def _clear_training_state(run_dir: Path) -> None:
     """Start training afresh but keep the (deterministic, slow-ish to build) tiny model."""
-    for name in ("checkpoints", "logs", "config", "broker"):
+    for name in ("checkpoints", "logs", "config", "broker", "ledger", "rollouts", "tensorboard", "wandb"):
         shutil.rmtree(run_dir / name, ignore_errors=True)
-    for name in ("metrics.jsonl", "metrics.abandoned.jsonl", "metrics.png", "summary.json"):
+    for name in ("metrics.jsonl", "metrics.abandoned.jsonl", "metrics.png", "summary.json", "audit.json"):
         (run_dir / name).unlink(missing_ok=True)
     for report in run_dir.glob("engine_report*.json"):
         report.unlink()
@@ -112,24 +121,64 @@ def _ensure_tiny_model(model_dir: Path, config: RunConfig) -> Path:
     report_path = model_dir / "tether_tiny_model.json"
     if report_path.is_file() and json.loads(report_path.read_text()).get("seed") == config.run.seed:
         log.info("reusing tiny model", path=str(model_dir))
+        print(f"[tether] reusing the tiny model in {model_dir}", file=sys.stderr)
         return model_dir
     log.info("building tiny model", path=str(model_dir), seed=config.run.seed)
+    print(f"[tether] building the tiny model in {model_dir} (warm start, about a minute)", file=sys.stderr)
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     report = build_tiny_model(model_dir, seed=config.run.seed)
     log.info("tiny model ready", **dataclasses.asdict(report))
     return model_dir
 
 
-def _evaluate(model_dir: Path, config: RunConfig, label: str) -> float:
-    """Held-out greedy accuracy with a real vLLM V1 engine (the engine is shut down afterwards)."""
-    from tether.actor.evaluate import evaluate_greedy
-    from tether.actor.tasks import build_task
-
-    result = evaluate_greedy(str(model_dir), build_task(config.task), config.actor.engine, config.model)
-    log.info("held-out greedy accuracy", model=label, accuracy=result.accuracy, prompts=result.num_prompts)
-    print(f"[tether] {label}: held-out greedy accuracy {result.accuracy:.1%} on {result.num_prompts} prompts",
+def _evaluate(model_dir: Path, run_config_path: Path, config: RunConfig, label: str) -> float:
+    """Held-out greedy accuracy with a real vLLM V1 engine, in a child process whose output (the
+    engine's logging and warnings) goes to <run_dir>/logs/eval-<label>.out rather than the console."""
+    slug = label.replace(" ", "-")
+    logs = Path(config.run.dir) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    out_json, out_log = logs / f"eval-{slug}.json", logs / f"eval-{slug}.out"
+    command = [sys.executable, "-m", "tether.actor.evaluate", "--model", str(model_dir), "--config",
+               str(run_config_path), "--json", str(out_json)]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+    print(f"[tether] {label}: measuring held-out greedy accuracy with vLLM V1 (engine log: {out_log})", file=sys.stderr)
+    with open(out_log, "w") as log_file:
+        status = subprocess.run(command, stdout=log_file, stderr=subprocess.STDOUT, env=env, check=False)
+    if status.returncode != 0:
+        raise SystemExit(f"the {label} evaluation failed (exit {status.returncode}); see {out_log}")
+    result = json.loads(out_json.read_text())
+    log.info("held-out greedy accuracy", model=label, accuracy=result["accuracy"], prompts=result["num_prompts"])
+    print(f"[tether] {label}: held-out greedy accuracy {result['accuracy']:.1%} on {result['num_prompts']} prompts",
           file=sys.stderr)
-    return result.accuracy
+    return result["accuracy"]
+
+
+AUDIT_SAMPLE = 64
+"""Sequences per weight version the demo's closing audit recomputes."""
+
+
+def _audit(run_dir: Path) -> dict | None:
+    """`tether audit` on a sample of the archive: per-version |actor - recomputed| logprobs, printed."""
+    from tether.launch.audit import audit, format_report
+
+    try:
+        report = audit(run_dir, sample=AUDIT_SAMPLE)
+    except (SystemExit, Exception) as exc:  # noqa: BLE001  the audit reports; it must not lose the demo's summary
+        print(f"[tether] audit skipped: {exc}", file=sys.stderr)
+        return None
+    print("\n" + format_report(report), file=sys.stderr)
+    payload = dataclasses.asdict(report)
+    (run_dir / "audit.json").write_text(json.dumps(payload, indent=2))
+    single = [r for r in report.rows if r.kind == "single-version"]
+    return {
+        "versions_audited": sorted({r.version for r in report.rows}),
+        "single_version_max_abs_diff": max((r.max for r in single), default=None),
+        "not_audited_versions": sum(len(n.versions) for n in report.not_audited),
+        "report": str(run_dir / "audit.json"),
+    }
 
 
 DAEMON_RESTARTS = 3
@@ -165,6 +214,8 @@ def actor_spec(config: RunConfig, run_config_path: Path, actor_id: str, restarts
 def _train(config: RunConfig, run_config_path: Path, actors: int, learner_ranks: int) -> list[dict]:
     """Run the daemons until the learner finishes; return the learner's metrics records."""
     metrics_path = Path(config.run.dir) / "metrics.jsonl"
+    print(f"[tether] training: a broker, {actors} actor(s) and a {learner_ranks}-rank learner "
+          f"(their logs: {Path(config.run.dir) / 'logs'}/)", file=sys.stderr)
     with Supervisor(grace_seconds=15.0) as supervisor:
         children = [supervisor.start(spec) for spec in daemon_specs(config, run_config_path, actors, learner_ranks)]
         learner = children[-1]
@@ -240,7 +291,8 @@ def _print_summary(s: dict) -> None:
         f"held-out greedy accuracy: {pct(s['accuracy_before'])} (warm start) -> {pct(s['accuracy_after'])} "
         f"after {s['steps']} steps ({verdict}: {s['accuracy_target']:.0%})\n"
         f"training took {s['train_minutes']:.1f} min, the whole demo {s['total_minutes']:.1f} min\n"
-        f"run directory: {s['run_dir']} (metrics.jsonl, metrics.png, checkpoints/, logs/, summary.json)"
+        f"run directory: {s['run_dir']} (metrics.jsonl, metrics.png, checkpoints/, rollouts/, summary.json)\n"
+        f"daemon and engine logs: {s['logs']}/  (tether rollouts {s['run_dir']} shows what the model generated)"
     )
 
 

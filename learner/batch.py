@@ -68,6 +68,10 @@ class PreparedBatch:
     dropped_empty: int
     pad_tokens: int
     real_tokens: int
+    kept: tuple[Rollout, ...] = ()
+    """The rollouts trained on, in the order of `rewards` and `advantages` (for the rollout archive)."""
+    advantages: np.ndarray | None = None
+    """Advantage of each kept rollout."""
 
 
 def keep_fresh(rollouts: Sequence[Rollout], learner_version: int, max_lag: int) -> tuple[list[Rollout], int, int]:
@@ -157,4 +161,5 @@ def prepare_batch(
         mb = _collate([kept[i] for i in chunk], advantages[chunk])
         pad += mb.input_ids.numel() - int(mb.attention_mask.sum())
         micro_batches.append(mb)
-    return PreparedBatch(micro_batches, rewards, stale, empty, pad, sum(lengths))
+    return PreparedBatch(micro_batches, rewards, stale, empty, pad, sum(lengths), kept=tuple(kept),
+                         advantages=advantages.detach().cpu().numpy())

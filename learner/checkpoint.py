@@ -6,6 +6,11 @@ Layout under <run_dir>/checkpoints/step-000042/:
   dcp/    model and optimizer state, sharded, via torch.distributed.checkpoint;
   state.json  {"step": 42}, written last: a directory without it is incomplete and ignored.
 The step is the weight version, so a resumed run continues the numbering.
+
+Retention (learner.keep_checkpoint_every, learner.keep_last_checkpoints): after each save the
+learner keeps the checkpoints whose version is a multiple of keep_checkpoint_every plus the newest
+keep_last_checkpoints, and deletes the others (prune_checkpoints). The kept versions are what
+`tether audit` can recompute rollouts with.
 """
 
 from __future__ import annotations
@@ -41,6 +46,34 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     root = Path(run_dir) / "checkpoints"
     complete = sorted(p for p in root.glob("step-*") if (p / _STATE).is_file()) if root.is_dir() else []
     return complete[-1] if complete else None
+
+
+def checkpoint_versions(run_dir: str | Path) -> dict[int, Path]:
+    """Complete checkpoints under run_dir by version."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return {}
+    return {int(json.loads((p / _STATE).read_text())["step"]): p for p in root.glob("step-*") if (p / _STATE).is_file()}
+
+
+def prune_checkpoints(run_dir: str | Path, keep_every: int, keep_last: int) -> list[Path]:
+    """Delete complete checkpoints that retention does not keep; returns the deleted paths.
+
+    Kept: every version that is a multiple of `keep_every` (0 keeps every checkpoint, deleting
+    nothing) and the newest `keep_last`. Incomplete directories (a save in progress) are left alone.
+    """
+    if keep_every <= 0:
+        return []
+    versions = sorted(checkpoint_versions(run_dir).items())
+    newest = {v for v, _ in versions[-keep_last:]} if keep_last > 0 else set()
+    deleted = []
+    for version, path in versions:
+        if version % keep_every and version not in newest:
+            # state.json first: a directory interrupted mid-delete reads as incomplete, never as a checkpoint.
+            (path / _STATE).unlink()
+            shutil.rmtree(path)
+            deleted.append(path)
+    return deleted
 
 
 def _is_rank0() -> bool:

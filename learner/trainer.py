@@ -33,14 +33,21 @@ from tether.common.device import torch_device, torch_dtype
 from tether.common.logging import get_logger
 from tether.learner.algorithms import LossInput, LossParams, get_algorithm
 from tether.learner.algorithms.core import AdvantageParams
+from tether.learner.archive import open_archive
 from tether.learner.batch import MicroBatch, prepare_batch
-from tether.learner.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from tether.learner.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from tether.learner.consumption_log import ConsumptionLog
 from tether.learner.gradients import clip_gradients
 from tether.learner.logprobs import processed_entropy, processed_logprobs
-from tether.learner.metrics import MetricsWriter, StepMetrics, drop_records_after
+from tether.learner.metrics import StepMetrics, drop_records_after
 from tether.learner.model import completion_logits, load_policy
 from tether.learner.publish import PublishStats, Rendezvous, WeightPublisher, broadcast_flags
+from tether.learner.sinks import build_sinks
 from tether.learner.source import BatchSource
 
 log = get_logger(__name__)
@@ -162,7 +169,8 @@ class Learner:
             if moved:
                 log.warning("metrics of steps after the resumed checkpoint moved aside", steps=moved,
                             version=self.version)
-            self.writer = MetricsWriter(self.run_dir)
+            self.writer = build_sinks(config)  # run.report_to
+        self.archive = open_archive(config, self.model_dir, self.rank, self.world_size)  # run.keep_rollouts
         self.consumption = ConsumptionLog(self.run_dir, self.rank, session) if session else None
         if self.consumption is not None:
             self.consumption.start(self.version)
@@ -184,7 +192,7 @@ class Learner:
         started = time.perf_counter()
         carried = StepMetrics()
         for skips in range(MAX_NONFINITE_SKIPS + 1):
-            m = self._forward_backward()
+            m, prepared = self._forward_backward()
             # The norm is global (reduced over the ranks), so every rank skips or steps together.
             grad_norm = clip_gradients(self.model.parameters(), cfg.grad_clip)
             if math.isfinite(grad_norm):
@@ -208,6 +216,8 @@ class Learner:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.version += 1
+        if self.archive is not None:
+            self.archive.write(self.version, prepared.kept, prepared.advantages)
 
         g = m.reduce(self.device)
         seconds = time.perf_counter() - started
@@ -218,8 +228,9 @@ class Learner:
             log.info("step", **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items() if not k.startswith("mixed_")})
         return record
 
-    def _forward_backward(self) -> StepMetrics:
-        """Fetch a trainable batch and accumulate its gradients; this rank's (unreduced) metrics."""
+    def _forward_backward(self):
+        """Fetch a trainable batch and accumulate its gradients; this rank's (unreduced) metrics and
+        the prepared batch."""
         cfg = self.config.learner
         batch, prepared, totals, skipped = self._fetch_trainable_batch()
         skipped_dropped, skipped_empty, skipped_received = skipped
@@ -250,7 +261,7 @@ class Learner:
         m.max("parity_lag0_max", 0.0)
         for mb in micro_batches:
             self._micro_step(mb, total_tokens, total_sequences, m)
-        return m
+        return m, prepared
 
     def _fetch_trainable_batch(self):
         """This rank's batch for the next step, fetching again while no rank has a trainable token.
@@ -450,6 +461,9 @@ class Learner:
         self.committed_version = self.version
         if self.rendezvous is not None:
             self.rendezvous.commit(self.version)
+        if self.rank == 0:
+            cfg = self.config.learner
+            prune_checkpoints(self.run_dir, cfg.keep_checkpoint_every, cfg.keep_last_checkpoints)
         return path
 
     def maybe_checkpoint(self) -> Path | None:
@@ -460,3 +474,7 @@ class Learner:
     def close(self) -> None:
         if self.publisher is not None:
             self.publisher.close()
+        if self.archive is not None:
+            self.archive.close()
+        if self.writer is not None:
+            self.writer.close()

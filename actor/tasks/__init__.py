@@ -1,8 +1,11 @@
-"""Tasks: a prompt source plus a reward function, registered by name.
+"""Tasks: a prompt source plus a reward, registered by name.
 
     task = build_task(TaskConfig(name="arithmetic", options={"max_operand": "99"}))
     prompt = next(task.train_prompts(seed=0))
-    task.reward(prompt, "46")
+    task.scorer.score([prompt], ["46"]).rewards     # task.reward functions, or the task's own reward
+
+Built in: arithmetic (the tiny model's toy task), jsonl (GSM8K-style rows), dataset (local files
+through the `datasets` library, scored by TRL-style reward functions; tether.actor.rewards).
 """
 
 from tether.actor.tasks.base import Prompt, Task

@@ -46,8 +46,16 @@ def task_names() -> list[str]:
 
 
 def build_task(config: TaskConfig) -> Task:
-    """Construct the task named by `config.name`; ConfigError naming the known tasks otherwise."""
+    """Construct the task named by `config.name`; ConfigError naming the known tasks otherwise.
+
+    The task's `scorer` is set from task.reward / task.reward_weights (tether.actor.rewards), so a
+    reward function that cannot be imported fails here, at start-up, naming the spec.
+    """
+    from tether.actor.rewards import RewardScorer
+
     names = task_names()
     if config.name not in _TASKS:
         raise ConfigError(f"task.name: unknown task {config.name!r} (registered: {', '.join(names)})")
-    return _TASKS[config.name](config)
+    task = _TASKS[config.name](config)
+    task.scorer = RewardScorer.from_config(config, task)
+    return task

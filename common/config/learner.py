@@ -66,6 +66,12 @@ class LearnerConfig(Section):
     """Bucket size when gathering and broadcasting full tensors."""
     checkpoint_interval: int = 0
     """Save a checkpoint every this many steps; 0: only at the end."""
+    keep_checkpoint_every: int = 0
+    """Retention: after each save, keep the checkpoints whose version is a multiple of this (plus the
+    latest keep_last_checkpoints) and delete the rest; 0 keeps every checkpoint written. `tether audit`
+    can only check rollouts of versions whose checkpoint is kept (version 0 is model.path)."""
+    keep_last_checkpoints: int = 1
+    """Retention: the newest this many checkpoints are always kept (resume needs the latest)."""
     resume: bool = True
     """Continue from the newest checkpoint in the run directory if there is one."""
     activation_checkpointing: bool = False
@@ -106,3 +112,5 @@ class LearnerConfig(Section):
                 "static_group", "must be host:port:world_size when publish_to=static",
             )
         self.require(self.checkpoint_interval >= 0, "checkpoint_interval", "must be >= 0")
+        self.require(self.keep_checkpoint_every >= 0, "keep_checkpoint_every", "must be >= 0 (0 keeps all)")
+        self.require(self.keep_last_checkpoints >= 1, "keep_last_checkpoints", "must be >= 1 (resume needs the latest)")

@@ -11,6 +11,8 @@ from tether.common.config.broker import BrokerConfig
 from tether.common.config.learner import LearnerConfig
 from tether.common.config.model import ModelConfig, TaskConfig
 
+METRICS_SINKS = ("jsonl", "tensorboard", "wandb")
+
 
 @dataclass(kw_only=True)
 class RunSection(Section):
@@ -28,11 +30,36 @@ class RunSection(Section):
     """debug, info, warning or error (console and JSON lines alike)."""
     device: str = "auto"
     """auto: cuda when a CUDA GPU is present, else cpu."""
+    report_to: list[str] = field(default_factory=lambda: ["jsonl"])
+    """Metrics sinks the learner writes every step's record to, with the same keys in each (TRL's name):
+    jsonl (<run.dir>/metrics.jsonl), tensorboard (event files under <run.dir>/tensorboard/),
+    wandb (Weights & Biases, files under <run.dir>/wandb/)."""
+    wandb_project: str = "tether"
+    """W&B project of the run (the run is named run.name)."""
+    wandb_mode: str = "auto"
+    """W&B mode. offline: write locally, never touch the network (upload later with `wandb sync`);
+    online: stream to the W&B server (needs a key); auto: the WANDB_MODE environment variable if set,
+    else online when WANDB_API_KEY is set, else offline."""
+    keep_rollouts: bool = False
+    """Archive every rollout the learner trains on as Parquet under <run.dir>/rollouts/ (token ids and
+    text, per-token logprobs and versions, reward, advantage, step); `tether rollouts` and `tether
+    audit` read it."""
+    rollouts_file_mb: float = 64.0
+    """The archive starts a new Parquet part once the current one holds this many MB (a part is
+    readable once closed: at rotation and when the learner stops)."""
+    rollouts_max_mb: float = 0.0
+    """Delete the oldest closed parts once the archive exceeds this many MB; 0 keeps everything."""
 
     def __post_init__(self) -> None:
         self.require(bool(self.dir), "dir", "must not be empty")
         self.require_choice("log_level", ("debug", "info", "warning", "error"))
         self.require_choice("device", ("auto", "cpu", "cuda"))
+        unknown = [sink for sink in self.report_to if sink not in METRICS_SINKS]
+        self.require(not unknown, "report_to", f"unknown sink(s) {unknown}; known: {', '.join(METRICS_SINKS)}")
+        self.require(len(set(self.report_to)) == len(self.report_to), "report_to", "names a sink twice")
+        self.require_choice("wandb_mode", ("auto", "offline", "online"))
+        self.require(self.rollouts_file_mb > 0, "rollouts_file_mb", "must be > 0")
+        self.require(self.rollouts_max_mb >= 0, "rollouts_max_mb", "must be >= 0 (0 keeps everything)")
 
 
 @dataclass(kw_only=True)
