@@ -209,7 +209,7 @@ async def abort_cycle(engine, prompts, sampling, max_tokens, source: _UpdateSour
     ann = source.announce
     specs = [(s.name, list(s.shape), s.dtype) for s in ann.tensors]
     await engine.llm.collective_rpc("tether_receive_weights", timeout=240, args=(
-        ann.group_host, ann.group_port, ann.epoch, ann.first_rank, ann.group_world_size, specs, ann.bucket_bytes,
+        ann.group_host, ann.group_port, ann.group_key, ann.first_rank, ann.world_size, specs, ann.bucket_bytes,
         "gloo", 120.0))
     await engine.llm.reset_prefix_cache()  # no KV written by W0 may be reused
     await engine.llm.update_weight_version(str(ann.version))

@@ -608,3 +608,10 @@ def test_broker_only_records_are_refused_from_peers():
     h.actor("a0")
     out = h.send("a0", Ack(acked=[]))
     assert out[0].body.code == "malformed" and "does not accept" in out[0].body.message
+
+
+def test_an_empty_submission_gets_an_ack():
+    h = Harness()
+    h.actor("a0")
+    out = h.submit("a0", [], msg_id="empty")
+    assert [(o.msg_id, o.body) for o in out] == [("empty", Ack(acked=[]))]
