@@ -25,7 +25,7 @@ from torch import nn
 
 from tether.common.messages import TensorSpec, WeightsAnnounce
 from tether.common.weight_group import WeightGroup, bucket_plan, dtype_name, join_weight_group
-from tether.learner.model import full_tensor, publish_dtype
+from tether.learner.model import full_tensor, publish_dtypes
 
 
 class Rendezvous(Protocol):
@@ -112,14 +112,15 @@ class WeightPublisher:
         self.backend = backend
         self.device = device or torch.device("cpu")
         self.timeout_s = timeout_s
-        self._dtypes = {name: publish_dtype(name, body_dtype, fp32_lm_head) for name in model.state_dict()}
+        self._dtypes = publish_dtypes(model, body_dtype, fp32_lm_head)  # a tied head matrix once, fp32
         self._group: WeightGroup | None = None
 
     def specs(self) -> list[TensorSpec]:
         """What is broadcast, in order: every state-dict entry under its Hugging Face name."""
+        state = self.model.state_dict()
         return [
-            TensorSpec(name=name, shape=tuple(tensor.shape), dtype=dtype_name(self._dtypes[name]))
-            for name, tensor in self.model.state_dict().items()
+            TensorSpec(name=name, shape=tuple(state[name].shape), dtype=dtype_name(dtype))
+            for name, dtype in self._dtypes.items()
         ]
 
     def publish(self, version: int) -> PublishStats:

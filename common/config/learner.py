@@ -47,6 +47,9 @@ class LearnerConfig(Section):
     """Continue from the newest checkpoint in the run directory if there is one."""
     activation_checkpointing: bool = False
     """Recompute decoder-layer activations in backward to save memory."""
+    logits_chunk_mb: float = 256.0
+    """Largest chunk of fp32 logits (sequences x completion positions x vocabulary x 4 bytes) the lm_head
+    and logprob processing compute at once; backward recomputes each chunk instead of keeping it."""
     rollouts_path: str = ""
     """Train on the rollouts saved in this file (tether.learner.source.save_rollouts) instead of the broker."""
     publish_to: str = "broker"
@@ -75,3 +78,4 @@ class LearnerConfig(Section):
                 "static_group", "must be host:port:world_size when publish_to=static",
             )
         self.require(self.checkpoint_interval >= 0, "checkpoint_interval", "must be >= 0")
+        self.require(self.logits_chunk_mb > 0, "logits_chunk_mb", "must be > 0")
