@@ -51,32 +51,28 @@ def final_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mas
     return captured[-1]
 
 
-def _head_logprobs(head: nn.Module, hidden: torch.Tensor, token_ids: torch.Tensor, spec: SamplingSpec):
-    logits = head(hidden).float()
+def _process(logits: torch.Tensor, token_ids: torch.Tensor, spec: SamplingSpec):
     logprobs = processed_logprobs(logits, token_ids, *spec)
     with torch.no_grad():
         entropy = processed_entropy(logits.detach(), *spec)
     return logprobs, entropy
 
 
-def _rows_logprobs(head: nn.Module, hidden: torch.Tensor, token_ids: torch.Tensor, spec: SamplingSpec,
-                   chunk_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[R, L] logprobs and entropies of rows sharing one sampling spec, chunked over positions."""
-    rows, length = token_ids.shape
-    vocab = head.weight.shape[0]
-    step = max(1, chunk_bytes // max(1, rows * vocab * 4))
-    recompute = torch.is_grad_enabled() and hidden.requires_grad
-    logprobs, entropies = [], []
-    for start in range(0, length, step):
-        # Contiguous: a strided slice takes another GEMM path whose rounding differs from the full matmul.
-        h, ids = hidden[:, start:start + step].contiguous(), token_ids[:, start:start + step]
-        if recompute:
-            lp, ent = checkpoint(_head_logprobs, head, h, ids, spec, use_reentrant=False)
-        else:
-            lp, ent = _head_logprobs(head, h, ids, spec)
+def _head_logprobs(head: nn.Module, hidden: torch.Tensor, token_ids: torch.Tensor, sampling: tuple[SamplingSpec, ...]):
+    """Logits of one chunk of positions for every row in one matmul, then each row's processing."""
+    logits = head(hidden).float()
+    specs = sorted(set(sampling))
+    if len(specs) == 1:
+        return _process(logits, token_ids, specs[0])
+    order, logprobs, entropies = [], [], []
+    for spec in specs:
+        rows = torch.tensor([i for i, s in enumerate(sampling) if s == spec], device=logits.device)
+        lp, ent = _process(logits[rows], token_ids[rows], spec)
+        order.append(rows)
         logprobs.append(lp)
         entropies.append(ent)
-    return torch.cat(logprobs, dim=1), torch.cat(entropies, dim=1)
+    inverse = torch.argsort(torch.cat(order))
+    return torch.cat(logprobs)[inverse], torch.cat(entropies)[inverse]
 
 
 def completion_logprobs(
@@ -93,28 +89,30 @@ def completion_logprobs(
 
     `positions` [B, L] are the positions whose logits predict each token of `completion_ids` [B, L];
     `sampling` gives each sequence's (temperature, top_k, top_p), replayed as the actor sampled.
+    Chunks span every row and as many positions as `chunk_bytes` of fp32 logits hold.
     Under FSDP every rank must call this (the body's forward is a collective).
     """
     hidden = final_hidden_states(model, input_ids, attention_mask)
     hidden = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
     head = model.get_output_embeddings()
     completion_ids = completion_ids.to(hidden.device)
-    specs = sorted(set(sampling))
-    if len(specs) == 1:
-        result = _rows_logprobs(head, hidden, completion_ids, specs[0], chunk_bytes)
-    else:
-        order, logprobs, entropies = [], [], []
-        for spec in specs:
-            rows = torch.tensor([i for i, s in enumerate(sampling) if s == spec], device=hidden.device)
-            lp, ent = _rows_logprobs(head, hidden[rows], completion_ids[rows], spec, chunk_bytes)
-            order.append(rows)
-            logprobs.append(lp)
-            entropies.append(ent)
-        inverse = torch.argsort(torch.cat(order))
-        result = torch.cat(logprobs)[inverse], torch.cat(entropies)[inverse]
+    rows, length = completion_ids.shape
+    step = max(1, chunk_bytes // max(1, rows * head.weight.shape[0] * 4))
+    recompute = torch.is_grad_enabled() and hidden.requires_grad
+    sampling = tuple(sampling)
+    logprobs, entropies = [], []
+    for start in range(0, length, step):
+        # Contiguous: a strided slice takes another GEMM path whose rounding differs from the full matmul.
+        h, ids = hidden[:, start:start + step].contiguous(), completion_ids[:, start:start + step]
+        if recompute:
+            lp, ent = checkpoint(_head_logprobs, head, h, ids, sampling, use_reentrant=False)
+        else:
+            lp, ent = _head_logprobs(head, h, ids, sampling)
+        logprobs.append(lp)
+        entropies.append(ent)
     if not torch.is_grad_enabled():
         _reshard(model)  # no backward will: free the root's gathered head now
-    return result
+    return torch.cat(logprobs, dim=1), torch.cat(entropies, dim=1)
 
 
 def _reshard(model: nn.Module) -> None:
