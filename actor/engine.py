@@ -22,7 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from tether.actor.engine_args import PARITY_RULES, check_parity, engine_kwargs
+from tether.actor.engine_args import (
+    FP32_HEAD_QUANTIZATION,
+    PARITY_RULES,
+    check_parity,
+    engine_kwargs,
+)
 from tether.common.config import EngineConfig, ModelConfig
 from tether.common.errors import ConfigError
 from tether.common.logging import get_logger
@@ -295,6 +300,12 @@ async def build_engine_report(llm, engine: EngineConfig, requested: dict, model_
     except Exception as exc:  # report, never fail start-up on introspection
         sampling_defaults = {"error": str(exc)}
     head = await llm.collective_rpc("tether_head_info")
+    if requested.get("quantization") == FP32_HEAD_QUANTIZATION:
+        # An architecture whose logits do not go through a ParallelLMHead never gets the fp32 head.
+        effective_violations += [
+            f"lm_head: worker {i} holds {h['weight_dtype']} head weights, model.fp32_lm_head needs float32"
+            for i, h in enumerate(head) if h["weight_dtype"] != "float32"
+        ]
     return {
         "vllm_version": vllm.__version__,
         "model_path": str(model_path),

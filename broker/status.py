@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the broker")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. broker.port=5556")
     args = parser.parse_args(argv)
-    cfg = load_config_or_exit(parser, args.config, args.overrides)
+    cfg = load_config_or_exit(parser, args.config, args.overrides, check_model_dir=False)
     with BrokerClient.from_config(cfg.broker, peer_id=f"status-{time.time_ns()}", role="tool") as client:
         while True:
             try:
