@@ -278,6 +278,8 @@ async def build_engine_report(llm, engine: EngineConfig, requested: dict, model_
         "tensor_parallel_size": parallel.tensor_parallel_size,
         "worker_extension_cls": parallel.worker_extension_cls,
         "compilation_mode": str(getattr(config.compilation_config, "mode", "")),
+        # "NONE" with enforce_eager; on CUDA otherwise the mode decode steps replay captured graphs in.
+        "cudagraph_mode": str(getattr(config.compilation_config, "cudagraph_mode", "")),
     }
     # What the model's generation_config.json still does with generation_config="vllm": its
     # eos_token_id entries become extra stop tokens (the sampling defaults are ignored).
@@ -309,6 +311,7 @@ async def build_engine_report(llm, engine: EngineConfig, requested: dict, model_
     return {
         "vllm_version": vllm.__version__,
         "model_path": str(model_path),
+        "enforce_eager_setting": engine.enforce_eager,
         "effective": effective,
         "requested": {k: v for k, v in requested.items() if k not in ("model", "tokenizer")},
         "changed_by_engine": changed_silently,

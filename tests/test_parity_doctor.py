@@ -72,3 +72,6 @@ def test_update_path_check_passes_and_outputs_exist(doctor):
     assert check["head_checksum_after_update"] == pytest.approx(check["head_checksum_w1"], rel=1e-6)
     assert (out / "parity.png").stat().st_size > 1000
     assert report["diagnosis_order"] == "backend first, integration second, algorithm last"
+    # No GPU here: both sides on the CPU, the update over gloo, the engines eager (auto on CPU).
+    assert report["devices"] == {"actor": "cpu", "learner": "cpu", "weight_update_backend": "gloo"}
+    assert report["enforce_eager"] is True

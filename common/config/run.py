@@ -9,6 +9,7 @@ from tether.common.config.base import Section
 from tether.common.config.broker import BrokerConfig
 from tether.common.config.learner import LearnerConfig
 from tether.common.config.model import ModelConfig, TaskConfig
+from tether.common.config.placement import PlacementConfig, parse_ids
 
 
 @dataclass
@@ -60,6 +61,7 @@ class RunConfig(Section):
     actor: ActorConfig = field(default_factory=ActorConfig)
     learner: LearnerConfig = field(default_factory=LearnerConfig)
     weights: WeightSyncConfig = field(default_factory=WeightSyncConfig)
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
 
     def __post_init__(self) -> None:
         group = self.actor.sampling.group_size
@@ -83,6 +85,11 @@ class RunConfig(Section):
             self.broker.buffer_capacity >= learner.rollouts_per_step,
             "buffer_capacity",
             f"must hold at least one step's rollouts (learner.rollouts_per_step={learner.rollouts_per_step})",
+        )
+        tp = self.actor.engine.tensor_parallel_size
+        self.placement.require(
+            len(parse_ids(self.placement.actor_gpus)) % tp == 0, "actor_gpus",
+            f"must hold whole sets of actor.engine.tensor_parallel_size ({tp}) GPUs",
         )
         if self.weights.mode == "stop_the_world":
             # Strictly on-policy: step s+1 trains only on tokens of version s, which needs every
