@@ -17,6 +17,7 @@ This node's actors, one process per node (the Slurm script runs it as the actor 
 from __future__ import annotations
 
 import argparse
+import signal
 import socket
 import sys
 import time
@@ -82,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
                     return 1
                 time.sleep(1.0)
         except KeyboardInterrupt:
+            # One stop: Slurm signals every process of the step and may signal again; the stop in
+            # progress (SIGTERM to each actor, grace period, SIGKILL) must not be interrupted by it.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             _say("stopping the actors (SIGTERM, then SIGKILL after the grace period)")
             supervisor.stop_all()
             codes = {c.spec.name: c.returncode for c in children}
