@@ -14,8 +14,9 @@ import torch
 
 def build_random_qwen2(out_dir: str | Path, *, hidden_size: int = 128, num_layers: int = 2,
                        num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 384,
-                       vocab_size: int = 257, head_std: float = 0.25, seed: int = 0) -> Path:
-    """Save a random fp32 Qwen2 (untied lm_head) plus the byte-level tokenizer to `out_dir`."""
+                       vocab_size: int = 257, head_std: float = 0.25, seed: int = 0, tied: bool = False) -> Path:
+    """Save a random fp32 Qwen2 (lm_head untied, or tied to the embeddings) plus the byte-level tokenizer
+    to `out_dir`. A tied head's scale is the embedding's too; the first RMSNorm absorbs it."""
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
     from tether.common.tiny_model import EOS_ID, build_tokenizer
@@ -24,7 +25,7 @@ def build_random_qwen2(out_dir: str | Path, *, hidden_size: int = 128, num_layer
     config = Qwen2Config(
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-        max_position_embeddings=1024, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        max_position_embeddings=1024, rms_norm_eps=1e-6, tie_word_embeddings=tied,
         bos_token_id=EOS_ID, eos_token_id=EOS_ID, pad_token_id=EOS_ID, use_sliding_window=False,
         dtype="float32",
     )
