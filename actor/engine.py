@@ -279,7 +279,7 @@ async def build_engine_report(llm, engine: EngineConfig, requested: dict, model_
         "worker_extension_cls": parallel.worker_extension_cls,
         "compilation_mode": str(getattr(config.compilation_config, "mode", "")),
         # "NONE" with enforce_eager; on CUDA otherwise the mode decode steps replay captured graphs in.
-        "cudagraph_mode": str(getattr(config.compilation_config, "cudagraph_mode", "")),
+        "cudagraph_mode": getattr(getattr(config.compilation_config, "cudagraph_mode", None), "name", "NONE"),
     }
     # What the model's generation_config.json still does with generation_config="vllm": its
     # eos_token_id entries become extra stop tokens (the sampling defaults are ignored).
