@@ -12,8 +12,11 @@ and three ways of computing the completion logprobs:
   after         lm_head and logprob processing at completion positions only (learner.logits_chunk_mb=256);
   after, 16 MB  the same in chunks of at most 16 MB of logits, recomputed in backward.
 Columns: median optimizer-step time over --steps timed steps (one warm-up step first), completion and
-sequence tokens/s, and peak memory of a step above the loaded model (CUDA: max_memory_allocated; CPU:
-peak RSS minus the RSS before the first step). On CUDA the learner is FSDP2 on a one-rank NCCL group
+sequence tokens/s, and the peak memory a step takes beyond what persists between steps (weights,
+gradients, optimizer state), measured over the timed steps: CUDA max_memory_allocated minus the
+allocation before them; CPU peak RSS (VmHWM, reset after the warm-up) minus the RSS before them, with
+glibc returning every allocation of 64 KiB or more to the system when freed (MALLOC_MMAP_THRESHOLD_),
+so freed logits do not stay resident. On CUDA the learner is FSDP2 on a one-rank NCCL group
 with a bf16 body; on CPU it is unsharded fp32. Ratios are side by side within one run.
 Prints a table and writes JSON to benchmarks/results/bench_learner-<timestamp>.json.
 """
@@ -24,7 +27,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -75,9 +77,14 @@ def synthetic_rollouts(groups: int, group_size: int, prompt_len: int, max_tokens
     return rollouts
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def _reset_peak_rss() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
 
 
 def worker(spec: dict) -> dict:
@@ -112,13 +119,16 @@ def worker(spec: dict) -> dict:
     rollouts = synthetic_rollouts(m["groups"], m["group_size"], m["prompt_len"], m["max_tokens"], m["vocab"])
     learner = trainer.Learner(config, spec["model_dir"], source=InMemoryBatchSource(rollouts))
     parameters = sum(p.numel() for p in learner.model.parameters())
-    rss_before = _rss_bytes()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        allocated_before = torch.cuda.memory_allocated()
     seconds = []
-    for _ in range(spec["steps"] + 1):
+    for step in range(spec["steps"] + 1):
+        if step == 1:  # after the warm-up: gradients and optimizer state exist; measure what a step adds
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                baseline = torch.cuda.memory_allocated()
+            else:
+                _reset_peak_rss()
+                baseline = _status_kib("VmRSS") * 1024
         if cuda:
             torch.cuda.synchronize()
         record = learner.step()
@@ -127,9 +137,10 @@ def worker(spec: dict) -> dict:
         seconds.append(record["step_seconds"])
     step_s = statistics.median(seconds[1:])
     if cuda:
-        peak = torch.cuda.max_memory_allocated() - allocated_before
-    else:  # ru_maxrss is in KiB on Linux
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss_before
+        peak, total = torch.cuda.max_memory_allocated() - baseline, torch.cuda.max_memory_allocated()
+    else:
+        total = _status_kib("VmHWM") * 1024
+        peak = total - baseline
     learner.close()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
@@ -139,7 +150,8 @@ def worker(spec: dict) -> dict:
         "micro_batch": m["micro_batch"], "logits_chunk_mb": chunk, "step_seconds_median": step_s,
         "completion_tokens_per_s": n * m["max_tokens"] / step_s,
         "sequence_tokens_per_s": n * (m["prompt_len"] + m["max_tokens"]) / step_s,
-        "peak_step_memory_mib": peak / 2**20, "memory_measure": "cuda max_memory_allocated" if cuda else "cpu peak RSS",
+        "peak_step_memory_mib": peak / 2**20, "peak_total_memory_mib": total / 2**20,
+        "memory_measure": "cuda max_memory_allocated" if cuda else "cpu peak RSS (VmHWM)",
         "body_dtype": str(learner.body_dtype), "sharded": learner.shard, "steps_timed": len(seconds) - 1,
         "loss_last": record["loss"],
     }
@@ -148,7 +160,7 @@ def worker(spec: dict) -> dict:
 def _run_row(spec: dict, timeout: float) -> dict:
     proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_learner", "--worker", json.dumps(spec)],
                           capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "OMP_NUM_THREADS": str(spec["threads"])})
+                          env={**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "MALLOC_MMAP_THRESHOLD_": "65536"})
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
         return {"model": spec["model"], "variant": spec["variant"], "error": (proc.stdout + proc.stderr)[-2000:]}
@@ -211,7 +223,8 @@ def main() -> None:
 
 def _print(rows: list[dict], device: str) -> None:
     print(f"\nlearner step, {device}")
-    header = f"{'model':6} {'variant':14} {'step s':>8} {'compl tok/s':>12} {'seq tok/s':>10} {'peak MiB':>9} {'vs before':>22}"
+    header = (f"{'model':6} {'variant':14} {'step s':>8} {'compl tok/s':>12} {'seq tok/s':>10} {'step MiB':>9} "
+              f"{'total MiB':>9} {'vs before':>22}")
     print(header)
     print("-" * len(header))
     for r in rows:
@@ -223,7 +236,8 @@ def _print(rows: list[dict], device: str) -> None:
             f"x{r['completion_tokens_per_s'] / base['completion_tokens_per_s']:.2f} tok/s, "
             f"x{r['peak_step_memory_mib'] / max(base['peak_step_memory_mib'], 1e-9):.2f} mem")
         print(f"{r['model']:6} {r['variant']:14} {r['step_seconds_median']:8.3f} {r['completion_tokens_per_s']:12.0f} "
-              f"{r['sequence_tokens_per_s']:10.0f} {r['peak_step_memory_mib']:9.0f} {ratio:>22}")
+              f"{r['sequence_tokens_per_s']:10.0f} {r['peak_step_memory_mib']:9.0f} {r['peak_total_memory_mib']:9.0f} "
+              f"{ratio:>22}")
 
 
 if __name__ == "__main__":

@@ -137,7 +137,9 @@ def test_the_tied_matrix_is_the_fp32_head_and_the_report_says_so(fp32_run):
     head = report["lm_head"][0]
     assert head["weight_dtype"] == "float32" and head["method"] == "Fp32LMHeadMethod"
     assert report["parity"]["effective_violations"] == []
-    assert report["enforce_eager_setting"] == "auto" and report["effective"]["enforce_eager"] is True  # CPU
+    # enforce_eager=auto on the CPU: eager, no CUDA graphs
+    assert report["enforce_eager_setting"] == "auto" and report["effective"]["enforce_eager"] is True
+    assert report["effective"]["cudagraph_mode"] == "NONE"
 
 
 def test_actor_and_learner_logprobs_agree_before_and_after_an_update(fp32_run, tied_dir):

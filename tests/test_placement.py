@@ -151,3 +151,23 @@ def test_daemons_and_everything_they_spawn_run_on_their_cpus(tiny_model_dir, tmp
     assert len(actor_threads) > 4  # vLLM's threads (OpenMP, ZeroMQ, ...) are in the count
     assert ranks and all(cpus == {learner_cpu} for cpus in learner_threads.values()), learner_threads
     assert rank_env.get("OMP_NUM_THREADS") == "1" and "learner.num_threads=1" in rank_cmdline
+
+
+def test_shell_plan_is_what_run_local_sh_evaluates():
+    """`python -m tether.launch.placement shell` prints bash assignments; run_local.sh evals them."""
+    script = (
+        'declare -A placement_prefix placement_args; '
+        f'eval "$({sys.executable} -m tether.launch.placement shell --actors 2 --learner-ranks 2 '
+        'placement.actor_cpus=0 placement.learner_gpus=4-5 placement.actor_gpus=0-1)"; '
+        'eval "p=(${placement_prefix[actor-1]})"; printf "%s\\n" "${p[@]}"; echo "=="; '
+        'eval "p=(${placement_prefix[learner]}) a=(${placement_args[learner]})"; printf "%s\\n" "${p[@]}" "${a[@]}"'
+    )
+    out = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    actor, learner = out.stdout.split("==\n")
+    assert actor.split("\n")[:4] == ["env", "CUDA_VISIBLE_DEVICES=1", "VLLM_CPU_OMP_THREADS_BIND=0", sys.executable]
+    assert actor.split("\n")[4:8] == ["-m", "tether.launch.placement", "pin", "0"]
+    assert learner.split() == ["env", "CUDA_VISIBLE_DEVICES=4,5"]  # not pinned: no CPU set, no thread override
+    bad = subprocess.run([sys.executable, "-m", "tether.launch.placement", "shell", "--actors", "3",
+                          "--learner-ranks", "1", "placement.actor_gpus=0-1"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "placement.actor_gpus: 2 GPUs (0-1) for 3 actors" in bad.stderr

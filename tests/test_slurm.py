@@ -8,7 +8,10 @@ by Slurm; the learner ran one rank per GPU; every actor loaded every version; th
 (actors' acks = stored = consumed + dropped + buffered; the learner received what was consumed);
 the steps stopped gracefully (each actor logged its books) and no process of the job is left.
 
-Job 2, a failure: one learner node and ACTOR_NODES=0 (no actor step, as when actors are added later
+Job 2, two learner nodes: torchrun's c10d rendezvous across Slurm nodes (the broker's node hosts
+it), one rank per GPU on each, training from a rollouts file (ACTOR_NODES=0, nothing published).
+
+Job 3, a failure: one learner node and ACTOR_NODES=0 (no actor step, as when actors are added later
 with launch/add_actors.sh); the broker step is killed with SIGKILL once the learner runs. The job
 must fail within seconds, naming the broker step, and leave no process behind.
 """
@@ -120,7 +123,7 @@ def full_job(cluster, tiny_model_dir, tmp_path_factory):
 def test_job_exits_zero_with_every_step(full_job, cluster):
     job, info, run_dir, _ = full_job
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", _explain(cluster, info, run_dir)
-    # one output file per step and node (named by the node's host name: both nodes are this host here)
+    # one output file per step and node: <step>-<node index>-<host>.out
     step_logs = sorted(p.name.split("-")[0] for p in (run_dir / "logs" / f"slurm-{job}").glob("*.out"))
     assert step_logs == ["actors", "broker", "learner"], step_logs
     output = Path(info["StdOut"]).read_text()
@@ -189,4 +192,33 @@ def test_a_dead_broker_fails_the_job_fast(cluster, tiny_model_dir, tmp_path):
     output = Path(info["StdOut"]).read_text()
     assert "ERROR: the broker step on n1 exited with status" in output and "failing the job" in output, output[-3000:]
     assert "actors on (none: add them with launch/add_actors.sh" in output
+    assert _wait_gone(job) == []
+
+
+def test_two_learner_nodes_form_one_torchrun_job(cluster, tiny_model_dir, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tether.common.messages import SamplingSpec
+    from tether.learner.source import save_rollouts
+    from tether.learner.synthetic import sample_rollouts
+
+    sampler = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    save_rollouts(tmp_path / "rollouts.msgpack", sample_rollouts(
+        sampler, groups=4, group_size=4, max_tokens=6, sampling=SamplingSpec(temperature=1.0, max_tokens=6)))
+    run_dir = tmp_path / "run"
+    env = {"TETHER_PYTHON": sys.executable, "LEARNER_NODES": "2", "ACTOR_NODES": "0", "STOP_GRACE": "20"}
+    job = cluster.sbatch(["--nodes=2", "--gpus-per-node=1", "--time=10", f"--output={tmp_path}/job-%j.out",
+                          str(SCRIPT), str(REPO / "configs" / "demo.yaml"),
+                          *_overrides(run_dir, tiny_model_dir, **{"learner.rollouts_path": tmp_path / "rollouts.msgpack",
+                                                                  "learner.publish_to": "none", "learner.max_lag": 5,
+                                                                  "learner.micro_batch_size": 4})], env=env, cwd=tmp_path)
+    info = cluster.wait(job, timeout=600)
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", _explain(cluster, info, run_dir)
+    ready = [e for rank in (0, 1) for e in _json_lines(run_dir / "logs" / f"learner-{rank}.jsonl")
+             if e["event"] == "learner ready"]
+    assert sorted((e["rank"], e["world_size"]) for e in ready) == [(0, 2), (1, 2)]
+    assert [r["step"] for r in _json_lines(run_dir / "metrics.jsonl")] == list(range(1, STEPS + 1))
+    step_logs = sorted(p.name for p in (run_dir / "logs" / f"slurm-{job}").glob("learner-*.out"))
+    assert [name.split("-")[1] for name in step_logs] == ["0", "1"]  # one torchrun per node
     assert _wait_gone(job) == []
