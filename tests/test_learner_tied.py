@@ -4,7 +4,8 @@ ranks, FSDP2 with a bfloat16 body, weights published to a receiver and exported 
 The one tied matrix is the fp32 head; the body reads its bf16 rounding through the embedding lookup.
 Checked: the sharded learner's logprobs equal the unsharded reference (tether's own load_policy in
 one process, same dtypes) to the fp32 floor; the matrix trains; it is published and exported once,
-in fp32, under the embedding's name, and the export loads back in transformers as a tied model.
+in fp32, under the embedding's name, and the export loads back in transformers as a tied model;
+resuming from the step-2 checkpoint reproduces step 3 bit for bit.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from tether.common.weight_group import WeightReceiver, join_weight_group
 pytestmark = pytest.mark.slow
 torch.set_num_threads(1)
 
-STEPS = 2
+STEPS = 3
 EMBED = "model.embed_tokens.weight"
 
 
@@ -83,7 +84,7 @@ def rollouts_file(tied_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def run(tied_dir, rollouts_file, tmp_path_factory):
-    """2 steps on 2 ranks, each version received by a thread joined to the weight group as rank 1."""
+    """STEPS steps on 2 ranks, each version received by a thread joined to the weight group as rank 1."""
     from transformers import AutoModelForCausalLM
 
     run_dir = tmp_path_factory.mktemp("tied-run")
@@ -108,23 +109,32 @@ def run(tied_dir, rollouts_file, tmp_path_factory):
 
     thread = threading.Thread(target=receive, daemon=True)
     thread.start()
+    _torchrun(_overrides(run_dir, tied_dir, rollouts_file, **{
+        "learner.publish_to": "static", "learner.static_group": f"127.0.0.1:{port}:2"}))
+    thread.join(timeout=60)
+    assert not errors, errors
+    return run_dir, received
+
+
+def _overrides(run_dir, tied_dir, rollouts_file, **extra) -> list[str]:
     overrides = {
         "run.dir": run_dir, "run.device": "cpu", "model.path": tied_dir, "model.dtype": "bfloat16",
         "model.fp32_lm_head": "true", "learner.rollouts_path": rollouts_file, "learner.steps": STEPS,
         "learner.rollouts_per_step": 16, "learner.micro_batch_size": 4, "actor.sampling.group_size": 4,
         "learner.lr": 1e-3, "learner.resume": "false", "learner.max_lag": STEPS, "learner.bucket_mb": 1,
-        "learner.publish_to": "static", "learner.static_group": f"127.0.0.1:{port}:2",
+        "learner.publish_to": "none", "learner.checkpoint_interval": 2,
         # a small chunk budget: the head and logprobs run over several chunks per micro-batch
-        "learner.logits_chunk_mb": 0.01,
+        "learner.logits_chunk_mb": 0.01, **extra,
     }
+    return [f"{k}={v}" for k, v in overrides.items()]
+
+
+def _torchrun(overrides: list[str]) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
-           "-m", "tether.learner", *[f"{k}={v}" for k, v in overrides.items()]]
+           "-m", "tether.learner", *overrides]
     proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    thread.join(timeout=60)
-    assert not errors, errors
-    return run_dir, received
 
 
 def _metrics(run_dir) -> list[dict]:
@@ -142,21 +152,19 @@ def test_sharded_bf16_body_matches_the_unsharded_reference(run):
 
 def test_the_tied_matrix_is_published_once_in_fp32_and_trains(run, tied_dir):
     run_dir, received = run
-    assert sorted(received) == [1, 2]
-    for version, tensors in received.items():
+    assert sorted(received) == [1, 2, 3]
+    for tensors in received.values():
         assert "lm_head.weight" not in tensors
         assert tensors[EMBED].dtype == torch.float32
         assert tensors["model.norm.weight"].dtype == torch.bfloat16
-        exported = load_file(str(Path(run_dir) / "checkpoints" / f"step-{version:06d}" / "hf" / "model.safetensors")) \
-            if version == STEPS else None
-        if exported is not None:
-            assert "lm_head.weight" not in exported and exported[EMBED].dtype == torch.float32
-            assert torch.equal(exported[EMBED], tensors[EMBED])
+    exported = load_file(str(Path(run_dir) / "checkpoints" / f"step-{STEPS:06d}" / "hf" / "model.safetensors"))
+    assert "lm_head.weight" not in exported and exported[EMBED].dtype == torch.float32
+    assert torch.equal(exported[EMBED], received[STEPS][EMBED])
     initial = load_file(str(tied_dir / "model.safetensors"))[EMBED]
     assert not torch.equal(received[1][EMBED], initial)
-    assert not torch.equal(received[2][EMBED], received[1][EMBED])
+    assert not torch.equal(received[STEPS][EMBED], received[1][EMBED])
     # fp32 updates, not bf16-rounded ones: the trained matrix is not representable in bf16.
-    assert not torch.equal(received[2][EMBED], received[2][EMBED].bfloat16().float())
+    assert not torch.equal(received[STEPS][EMBED], received[STEPS][EMBED].bfloat16().float())
 
 
 def test_export_loads_back_as_a_tied_model(run):
@@ -168,3 +176,18 @@ def test_export_loads_back_as_a_tied_model(run):
     assert model.config.tie_word_embeddings is True
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert torch.equal(model.lm_head.weight.detach(), received[STEPS][EMBED])
+
+
+def test_resume_of_a_tied_model_reproduces_the_next_step(run, tied_dir, rollouts_file, tmp_path):
+    import shutil
+
+    run_dir, received = run
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run_dir / "checkpoints" / "step-000002", resumed / "checkpoints" / "step-000002")
+    _torchrun(_overrides(resumed, tied_dir, rollouts_file, **{"learner.resume": "true"}))
+    assert [r["version"] for r in _metrics(resumed)] == [STEPS]  # continues the numbering
+    expected = load_file(str(run_dir / "checkpoints" / f"step-{STEPS:06d}" / "hf" / "model.safetensors"))
+    got = load_file(str(resumed / "checkpoints" / f"step-{STEPS:06d}" / "hf" / "model.safetensors"))
+    assert sorted(got) == sorted(expected)
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
