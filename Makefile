@@ -4,7 +4,7 @@ STAMP := $(VENV)/.tether-installed
 PY := $(VENV)/bin/python
 RUN_DIR ?= runs/demo
 
-.PHONY: demo test lint bench install clean
+.PHONY: demo test test-slurm lint bench install clean
 
 install: $(STAMP)
 
@@ -17,6 +17,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# launch/slurm.sbatch on a real Slurm on this machine (installs slurm-wlm and munge when absent; root).
+# Kept out of `make test` (minutes of its own); CI runs both.
+test-slurm: $(STAMP)
+	$(PY) -m pytest -v -m slurm tests/test_slurm.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -70,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _interrupt(signum, frame):
+    # One graceful stop: a launcher may deliver SIGTERM twice (Slurm signals every process of a step, a
+    # supervisor its process group); a second one must not cut the flush of unacked rollouts short.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise KeyboardInterrupt(f"signal {signum}")
 
 

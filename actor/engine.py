@@ -22,7 +22,12 @@ from pathlib import Path
 
 import numpy as np
 
-from tether.actor.engine_args import PARITY_RULES, check_parity, engine_kwargs
+from tether.actor.engine_args import (
+    FP32_HEAD_QUANTIZATION,
+    PARITY_RULES,
+    check_parity,
+    engine_kwargs,
+)
 from tether.common.config import EngineConfig, ModelConfig
 from tether.common.errors import ConfigError
 from tether.common.logging import get_logger
@@ -288,6 +293,8 @@ async def build_engine_report(llm, engine: EngineConfig, requested: dict, model_
         "tensor_parallel_size": parallel.tensor_parallel_size,
         "worker_extension_cls": parallel.worker_extension_cls,
         "compilation_mode": str(getattr(config.compilation_config, "mode", "")),
+        # "NONE" with enforce_eager; on CUDA otherwise the mode decode steps replay captured graphs in.
+        "cudagraph_mode": getattr(getattr(config.compilation_config, "cudagraph_mode", None), "name", "NONE"),
     }
     # What the model's generation_config.json still does with generation_config="vllm": its
     # eos_token_id entries become extra stop tokens (the sampling defaults are ignored).
@@ -310,9 +317,16 @@ async def build_engine_report(llm, engine: EngineConfig, requested: dict, model_
     except Exception as exc:  # report, never fail start-up on introspection
         sampling_defaults = {"error": str(exc)}
     head = await llm.collective_rpc("tether_head_info")
+    if requested.get("quantization") == FP32_HEAD_QUANTIZATION:
+        # An architecture whose logits do not go through a ParallelLMHead never gets the fp32 head.
+        effective_violations += [
+            f"lm_head: worker {i} holds {h['weight_dtype']} head weights, model.fp32_lm_head needs float32"
+            for i, h in enumerate(head) if h["weight_dtype"] != "float32"
+        ]
     return {
         "vllm_version": vllm.__version__,
         "model_path": str(model_path),
+        "enforce_eager_setting": engine.enforce_eager,
         "effective": effective,
         "requested": {k: v for k, v in requested.items() if k not in ("model", "tokenizer")},
         "changed_by_engine": changed_silently,

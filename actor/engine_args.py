@@ -57,6 +57,13 @@ def check_parity(engine: EngineConfig) -> list[str]:
     return violations
 
 
+def resolve_enforce_eager(setting: str, device: str) -> bool:
+    """actor.engine.enforce_eager: auto is eager on CPU only (CUDA graphs on CUDA)."""
+    if setting == "auto":
+        return device != "cuda"
+    return setting == "true"
+
+
 def engine_kwargs(engine: EngineConfig, model: ModelConfig, model_path: str, device: str = "cpu") -> dict:
     """Keyword arguments for vllm.LLM / AsyncEngineArgs with every numerics setting explicit.
 
@@ -79,7 +86,7 @@ def engine_kwargs(engine: EngineConfig, model: ModelConfig, model_path: str, dev
         enable_prefix_caching=engine.enable_prefix_caching,
         async_scheduling=engine.async_scheduling,
         generation_config=engine.generation_config,
-        enforce_eager=engine.enforce_eager,
+        enforce_eager=resolve_enforce_eager(engine.enforce_eager, device),
         enable_chunked_prefill=engine.enable_chunked_prefill,
         max_num_seqs=engine.max_num_seqs,
         max_num_batched_tokens=engine.max_num_batched_tokens,

@@ -14,8 +14,9 @@ import torch
 
 def build_random_qwen2(out_dir: str | Path, *, hidden_size: int = 128, num_layers: int = 2,
                        num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int = 384,
-                       vocab_size: int = 257, head_std: float = 0.25, seed: int = 0) -> Path:
-    """Save a random fp32 Qwen2 (untied lm_head) plus the byte-level tokenizer to `out_dir`."""
+                       vocab_size: int = 257, head_std: float = 0.25, seed: int = 0, tied: bool = False) -> Path:
+    """Save a random fp32 Qwen2 (lm_head untied, or tied to the embeddings) plus the byte-level tokenizer
+    to `out_dir`. A tied head's scale is the embedding's too; the first RMSNorm absorbs it."""
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
     from tether.common.tiny_model import EOS_ID, build_tokenizer
@@ -24,7 +25,7 @@ def build_random_qwen2(out_dir: str | Path, *, hidden_size: int = 128, num_layer
     config = Qwen2Config(
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
         num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-        max_position_embeddings=1024, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        max_position_embeddings=1024, rms_norm_eps=1e-6, tie_word_embeddings=tied,
         bos_token_id=EOS_ID, eos_token_id=EOS_ID, pad_token_id=EOS_ID, use_sliding_window=False,
         dtype="float32",
     )
@@ -113,16 +114,20 @@ def mixed_kv_logprobs(old_model, new_model, prompt: list[int], completion: list[
 
 
 def send_states(port: int, plan: list[tuple[int, str]], bucket_bytes: int, *, timeout_s: float = 120.0,
-                backend: str = "gloo") -> None:
+                backend: str = "gloo", device: str = "cpu") -> None:
     """The learner's side of weight updates, for a spawned process in tests, benchmarks and `tether parity`.
 
     For each (epoch, state_path) of `plan`: join that epoch's weight group on the TCPStore at
     127.0.0.1:`port` as rank 0 of 2 (once per epoch, kept across its versions, as the learner keeps
-    it) and broadcast the state saved at `state_path` (torch.save of a name -> tensor dict).
+    it) and broadcast the state saved at `state_path` (torch.save of a name -> tensor dict), from
+    `device` (a CUDA device with backend "nccl").
     """
     from tether.common.weight_group import WeightSender, join_weight_group
 
     torch.set_num_threads(1)
+    target = torch.device(device)
+    if target.type == "cuda":
+        torch.cuda.set_device(target)
     group = sender = None
     try:
         for epoch, state_path in plan:
@@ -130,9 +135,9 @@ def send_states(port: int, plan: list[tuple[int, str]], bucket_bytes: int, *, ti
                 if group is not None:
                     group.close()
                 group = join_weight_group("127.0.0.1", port, local_group_key(epoch), 0, 2, backend=backend,
-                                          timeout_s=timeout_s)
+                                          device=target, timeout_s=timeout_s)
                 sender = WeightSender(group, bucket_bytes)
-            sender.broadcast(list(torch.load(state_path).items()))
+            sender.broadcast([(name, tensor.to(target)) for name, tensor in torch.load(state_path).items()])
     finally:
         if group is not None:
             group.close()

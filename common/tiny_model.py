@@ -102,8 +102,12 @@ def build_tokenizer():
     )
 
 
-def model_config():
-    """The tiny Qwen2 architecture: about 3.4M parameters, sized for a 2-core CPU."""
+def model_config(*, tied: bool = False, max_position_embeddings: int = 512):
+    """The tiny Qwen2 architecture: about 3.4M parameters, sized for a 2-core CPU.
+
+    `tied=True` is the variant whose lm_head shares its weight with the input embeddings, as most
+    small instruct models do (Qwen2.5-0.5B, Llama-3.2-1B): one matrix of 257 x 256 fewer.
+    """
     from transformers import Qwen2Config
 
     return Qwen2Config(
@@ -113,12 +117,13 @@ def model_config():
         num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
+        max_position_embeddings=max_position_embeddings,
         rope_parameters={"rope_theta": 10000.0, "rope_type": "default"},
         rms_norm_eps=1e-6,
         initializer_range=0.02,
-        # lm_head is its own weight: the actor and learner hold it in fp32 separately.
-        tie_word_embeddings=False,
+        # Untied by default: lm_head is its own weight, held in fp32 by actor and learner. Tied: the
+        # one matrix is the fp32 head, and the embedding lookup casts it to the body dtype.
+        tie_word_embeddings=tied,
         bos_token_id=EOS_ID,
         eos_token_id=EOS_ID,
         pad_token_id=EOS_ID,
@@ -217,6 +222,8 @@ def build_tiny_model(
     eval_interval: int = 25,
     batch_size: int = 64,
     lr: float = 1e-3,
+    tied: bool = False,
+    max_position_embeddings: int = 512,
 ) -> TinyModelReport:
     """Build the tiny Qwen2 model into `out_dir`, warm-start it, and save it in Hugging Face format.
 
@@ -225,6 +232,7 @@ def build_tiny_model(
     (then `in_band` is False in the report). If accuracy jumps past the band between two
     evaluations, training goes back to the previous evaluation and evaluates more often. The same seed and arguments give bit-identical
     weights. Returns the report that is also written to <out_dir>/tether_tiny_model.json.
+    `tied` and `max_position_embeddings` select the architecture variant (model_config).
     """
     import torch
     from transformers import Qwen2ForCausalLM
@@ -247,7 +255,7 @@ def build_tiny_model(
     curve: list[tuple[int, float]] = []
     steps = 0
     with _pinned_torch(seed):
-        model = Qwen2ForCausalLM(model_config())
+        model = Qwen2ForCausalLM(model_config(tied=tied, max_position_embeddings=max_position_embeddings))
         model.to(torch.float32)
         if warm_start:
             optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
@@ -311,8 +319,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-warm-start", dest="warm_start", action="store_false",
                         help="save the randomly initialised model without the supervised warm start")
     parser.add_argument("--max-steps", type=int, default=1000, help="warm-start step budget (default 1000)")
+    parser.add_argument("--tied", action="store_true",
+                        help="tie lm_head to the input embeddings (the layout of most small instruct models)")
+    parser.add_argument("--max-position-embeddings", type=int, default=512,
+                        help="longest sequence the model accepts (default 512)")
     args = parser.parse_args(argv)
-    report = build_tiny_model(args.out, seed=args.seed, warm_start=args.warm_start, max_steps=args.max_steps)
+    report = build_tiny_model(args.out, seed=args.seed, warm_start=args.warm_start, max_steps=args.max_steps,
+                              tied=args.tied, max_position_embeddings=args.max_position_embeddings)
     print(f"tiny model: {report.parameters:,} parameters, {report.warm_start_steps} warm-start steps, "
           f"{report.seconds:.1f} s, held-out greedy accuracy {report.heldout_accuracy:.3f} "
           f"on {report.heldout_prompts} prompts -> {report.out_dir}")

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from tether.common.config import RunConfig, load_config, load_config_or_exit, save_resolved
 from tether.common.logging import configure_logging, get_logger
+from tether.launch.placement import plan
 from tether.launch.plot import plot_metrics
 from tether.launch.supervisor import ProcessSpec, Supervisor
 
@@ -47,13 +48,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true",
                         help="continue the run directory's training instead of starting it afresh")
     parser.add_argument("--no-eval", action="store_true", help="skip the vLLM accuracy evaluations")
+    parser.add_argument("--actor-cpus", help="pin the actors to these CPUs, e.g. 0 (placement.actor_cpus)")
+    parser.add_argument("--learner-cpus", help="pin the learner to these CPUs, e.g. 1 (placement.learner_cpus)")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
     if args.actors < 1 or args.learner_ranks < 1:
         parser.error("--actors and --learner-ranks must be >= 1")
 
     overrides = list(args.overrides) + ([f"run.dir={args.run_dir}"] if args.run_dir else [])
+    overrides += [f"placement.{k}={v}" for k, v in (("actor_cpus", args.actor_cpus), ("learner_cpus", args.learner_cpus)) if v]
     config = load_config_or_exit(parser, args.config, overrides)
+    try:  # fail before any model is built when the placement cannot fit this machine
+        plan(config.placement, actors=args.actors, learner_ranks=args.learner_ranks,
+             tensor_parallel_size=config.actor.engine.tensor_parallel_size)
+    except ValueError as exc:
+        parser.error(str(exc))
     run_dir = Path(config.run.dir)
     if not args.resume:
         _clear_training_state(run_dir)
@@ -188,18 +197,27 @@ broker replays its journal, the learner resumes from its newest checkpoint."""
 
 def daemon_specs(config: RunConfig, run_config_path: Path, actors: int, learner_ranks: int,
                  restarts: int = DAEMON_RESTARTS) -> list[ProcessSpec]:
-    """The broker, the actors and the torchrun learner of one run, in start order."""
+    """The broker, the actors and the torchrun learner of one run, in start order, each placed on its
+    CPUs/GPUs by config.placement (tether.launch.placement; ValueError when they do not fit)."""
     python = sys.executable
     logs = Path(config.run.dir) / "logs"
     env = _DAEMON_ENV
     cfg = ["--config", str(run_config_path)]
+    where = plan(config.placement, actors=actors, learner_ranks=learner_ranks,
+                 tensor_parallel_size=config.actor.engine.tensor_parallel_size)
     specs = [ProcessSpec("broker", [python, "-m", "tether.broker", *cfg], logs / "broker.out", env, restarts)]
-    specs += [actor_spec(config, run_config_path, f"actor-{i}", restarts) for i in range(actors)]
+    specs += [
+        ProcessSpec(f"actor-{i}", p.command([python, "-m", "tether.actor", *cfg, f"actor.actor_id=actor-{i}",
+                                             *p.overrides("actor")]),
+                    logs / f"actor-{i}.out", {**env, **p.env()}, restarts)
+        for i, p in enumerate(where.actors)
+    ]
+    p = where.learner
     specs.append(ProcessSpec(
         "learner",
-        [python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={learner_ranks}",
-         "-m", "tether.learner", *cfg],
-        logs / "learner.out", env, restarts,
+        p.command([python, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={learner_ranks}",
+                   "-m", "tether.learner", *cfg, *p.overrides("learner")]),
+        logs / "learner.out", {**env, **p.env()}, restarts,
     ))
     return specs
 

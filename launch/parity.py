@@ -1,6 +1,6 @@
 """`tether parity`: the parity doctor. Same prompts, same sampled tokens, actor engine against learner.
 
-    tether parity --model DIR [--out DIR] [--prompts N] [--max-tokens N] [--no-bf16]
+    tether parity --model DIR [--out DIR] [--prompts N] [--max-tokens N] [--no-bf16] [--device auto|cpu|cuda]
 
 The migration diagnosis made reproducible: **backend first, integration second, algorithm last**.
 Before touching an RL hyper-parameter, check that the engine's logprobs mean what the learner
@@ -40,6 +40,13 @@ against an engine freshly started on W1 with the same prompts and seeds: tokens 
 and logprobs equal to the fp32 floor, and the worker's lm_head checksum must equal W1's. The same
 comparison for the runtime-defaults engine is printed as the contrast (a prefix-cache hit on KV from
 W0). Writes parity.json and parity.png to --out (default <run_dir>/parity or ./runs/parity).
+
+Devices: both sides run on the same device type (--device, default auto: CUDA when present), as in
+a run: the engines on the first visible device; the learner's scorer and its weight sender on the
+second GPU when there is one, with the weight update over NCCL. With a single GPU the scorer shares
+it and the update travels over gloo (NCCL cannot have two ranks on one GPU). The engines use the
+actor's defaults there too (actor.engine.enforce_eager=auto: CUDA graphs on CUDA), so the all-on row
+is the parity of the configuration a run uses. The report names the device of each side.
 """
 
 from __future__ import annotations
@@ -120,10 +127,48 @@ def make_prompts(n: int, prefix_len: int, seed: int) -> list[list[int]]:
     return [prefix + rng.integers(3, 250, 4 + i % 5).tolist() for i in range(n)]
 
 
+@dataclass(frozen=True)
+class Devices:
+    """Where each side of the doctor runs."""
+
+    actor: str
+    """Device type of the engines ("cpu" or "cuda"; vLLM takes the first visible device)."""
+    learner: str
+    """torch device of the learner's scorer and weight sender, e.g. "cuda:1"."""
+    backend: str
+    """Backend of the weight update: nccl between two GPUs, else gloo."""
+
+    @classmethod
+    def resolve(cls, device: str = "auto") -> Devices:
+        import torch
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cpu":
+            return cls("cpu", "cpu", "gloo")
+        if not torch.cuda.is_available():
+            raise SystemExit("tether parity: --device cuda, but torch sees no CUDA device")
+        if torch.cuda.device_count() >= 2:
+            return cls("cuda", "cuda:1", "nccl")
+        return cls("cuda", "cuda:0", "gloo")
+
+    def describe(self) -> dict:
+        import torch
+
+        def name(device: str) -> str:
+            if device.startswith("cuda"):
+                return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+            return device
+
+        return {"actor": name("cuda:0" if self.actor == "cuda" else "cpu"), "learner": name(self.learner),
+                "weight_update_backend": self.backend}
+
+
 class _UpdateSource:
     """A TCPStore (the broker's role) and a sender process (the learner's) for one weight update."""
 
-    def __init__(self, state_path: Path, specs, epoch: int, version: int, bucket_bytes: int = 8 << 20):
+    def __init__(self, state_path: Path, specs, epoch: int, version: int, devices: Devices,
+                 bucket_bytes: int = 8 << 20):
         from torch.distributed import TCPStore
 
         from tether.actor.testing import local_group_key, send_states
@@ -134,8 +179,9 @@ class _UpdateSource:
         self.announce = WeightUpdate(version=version, lineage="local", epoch=epoch, group_key=local_group_key(epoch),
                                      group_host="127.0.0.1", group_port=port, world_size=2, first_rank=1,
                                      tensors=specs, bucket_bytes=bucket_bytes)
-        self.process = mp.get_context("spawn").Process(target=send_states,
-                                                       args=(port, [(epoch, str(state_path))], bucket_bytes))
+        self.process = mp.get_context("spawn").Process(
+            target=send_states, args=(port, [(epoch, str(state_path))], bucket_bytes),
+            kwargs={"backend": devices.backend, "device": devices.learner})
         # Started before the engine pauses, as a learner is ready before it announces.
         self.process.start()
 
@@ -210,7 +256,7 @@ async def abort_cycle(engine, prompts, sampling, max_tokens, source: _UpdateSour
     specs = [(s.name, list(s.shape), s.dtype) for s in ann.tensors]
     await engine.llm.collective_rpc("tether_receive_weights", timeout=240, args=(
         ann.group_host, ann.group_port, ann.group_key, ann.first_rank, ann.world_size, specs, ann.bucket_bytes,
-        "gloo", 120.0))
+        engine.weight_backend, 120.0))
     await engine.llm.reset_prefix_cache()  # no KV written by W0 may be reused
     await engine.llm.update_weight_version(str(ann.version))
     engine.version = ann.version
@@ -229,33 +275,35 @@ async def abort_cycle(engine, prompts, sampling, max_tokens, source: _UpdateSour
 
 # ------------------------------------------------------------------------- learner side
 class LearnerScorer:
-    """The learner's model (tether.learner.model.load_policy, unsharded, no grad) and logprob code."""
+    """The learner's model (tether.learner.model.load_policy, unsharded, no grad) and logprob code,
+    on the learner's device."""
 
-    def __init__(self, model_dir: Path, body_dtype: str, sampling: Sampling):
+    def __init__(self, model_dir: Path, body_dtype: str, sampling: Sampling, device: str = "cpu"):
         import torch
 
         from tether.learner.model import load_policy
 
         self.sampling = sampling
-        self.model = load_policy(model_dir, torch.device("cpu"), getattr(torch, body_dtype), fp32_lm_head=True,
+        self.device = torch.device(device)
+        self.model = load_policy(model_dir, self.device, getattr(torch, body_dtype), fp32_lm_head=True,
                                  shard=False, trainable=False)
 
     def score(self, completions) -> list[np.ndarray]:
         import torch
 
-        from tether.learner.logprobs import processed_logprobs
-        from tether.learner.model import completion_logits
+        from tether.learner.completion import completion_logprobs
 
+        s = self.sampling
         out = []
         with torch.no_grad():
             for c in completions:
-                ids = torch.tensor([c.prompt_token_ids + c.token_ids])
+                ids = torch.tensor([c.prompt_token_ids + c.token_ids], device=self.device)
                 n_prompt, n = len(c.prompt_token_ids), len(c.token_ids)
-                positions = torch.arange(n_prompt - 1, n_prompt + n - 1)[None]
-                logits = completion_logits(self.model, ids, torch.ones_like(ids), positions)[0]
-                s = self.sampling
-                out.append(processed_logprobs(logits, torch.tensor(c.token_ids), s.temperature, s.top_k,
-                                              s.top_p).numpy().astype(np.float64))
+                positions = torch.arange(n_prompt - 1, n_prompt + n - 1, device=self.device)[None]
+                logprobs, _ = completion_logprobs(self.model, ids, torch.ones_like(ids), positions,
+                                                  torch.tensor([c.token_ids], device=self.device),
+                                                  [(s.temperature, s.top_k, s.top_p)])
+                out.append(logprobs[0].cpu().numpy().astype(np.float64))
         return out
 
 
@@ -317,7 +365,7 @@ def compare_to_fresh(after_update, fresh) -> dict:
 
 # ------------------------------------------------------------------------- driver
 async def _run_variant(variant: Variant, model_w0: Path, model_w1: Path, w1_state_path: Path, specs, prompts,
-                       sampling, max_tokens, epoch: int) -> dict:
+                       sampling, max_tokens, epoch: int, devices: Devices, head_name: str) -> dict:
     from tether.actor.engine import ActorEngine
     from tether.common.config import EngineConfig, ModelConfig
 
@@ -326,7 +374,7 @@ async def _run_variant(variant: Variant, model_w0: Path, model_w1: Path, w1_stat
     model_cfg = ModelConfig(dtype=variant.dtype, fp32_lm_head=variant.fp32_lm_head)
     start = time.perf_counter()
     engine = await ActorEngine.start(engine_cfg, model_cfg, str(model_w1 if variant.update == "none" else model_w0),
-                                     weight_backend="gloo")
+                                     device=devices.actor, weight_backend=devices.backend)
     startup_s = time.perf_counter() - start
     try:
         if variant.update == "none":
@@ -334,10 +382,10 @@ async def _run_variant(variant: Variant, model_w0: Path, model_w1: Path, w1_stat
                      "pause_s": None, "tokens_discarded": 0, "tokens_at_update": 0, "sequences_spanning_update": 0,
                      "update_to_batch_done_s": None}
         else:
-            source = _UpdateSource(w1_state_path, specs, epoch=epoch, version=1)
+            source = _UpdateSource(w1_state_path, specs, epoch=epoch, version=1, devices=devices)
             cycle_fn = keep_cycle if variant.update == "keep" else abort_cycle
             cycle = await cycle_fn(engine, prompts, sampling, max_tokens, source)
-        cycle["head_checksum"] = (await engine.llm.collective_rpc("tether_param_checksum", args=("lm_head.weight",)))[0]
+        cycle["head_checksum"] = (await engine.llm.collective_rpc("tether_param_checksum", args=(head_name,)))[0]
         cycle["effective"] = engine.report["effective"]
         cycle["startup_s"] = startup_s
         return cycle
@@ -347,7 +395,7 @@ async def _run_variant(variant: Variant, model_w0: Path, model_w1: Path, w1_stat
 
 def run_doctor(model: Path, out_dir: Path, *, prompts: int = 16, max_tokens: int = 32, prefix_len: int = 160,
                sampling: Sampling = Sampling(), perturb: float = 0.05, bf16: bool = True, algorithm: str = "grpo",
-               seed: int = 0) -> dict:
+               seed: int = 0, device: str = "auto") -> dict:
     """Run every configuration and the update-path check; write parity.json and parity.png; return the report."""
     import torch
 
@@ -355,6 +403,7 @@ def run_doctor(model: Path, out_dir: Path, *, prompts: int = 16, max_tokens: int
     from tether.common.weight_group import tensor_specs
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    devices = Devices.resolve(device)
     prompt_ids = make_prompts(prompts, prefix_len, seed)
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="tether-parity-") as tmp:
@@ -365,7 +414,9 @@ def run_doctor(model: Path, out_dir: Path, *, prompts: int = 16, max_tokens: int
         w1_path = tmp / "w1.pt"
         torch.save(w1, w1_path)
         specs = tensor_specs(w1.items())
-        w1_head_checksum = float(w1["lm_head.weight"].double().sum())
+        # A tied model stores its head matrix once, under the embedding's name.
+        head_name = "lm_head.weight" if "lm_head.weight" in w1 else "model.embed_tokens.weight"
+        w1_head_checksum = float(w1[head_name].double().sum())
 
         variants = list(FP32_VARIANTS) + ([Variant("fresh_w1", "fresh engine on W1", update="none")])
         if bf16:
@@ -374,10 +425,10 @@ def run_doctor(model: Path, out_dir: Path, *, prompts: int = 16, max_tokens: int
         for epoch, variant in enumerate(variants, start=1):
             print(f"[parity] engine {epoch}/{len(variants)}: {variant.label}", flush=True)
             runs[variant.key] = asyncio.run(_run_variant(variant, Path(model), model_w1, w1_path, specs, prompt_ids,
-                                                         sampling, max_tokens, epoch))
-        scorers = {"float32": LearnerScorer(model_w1, "float32", sampling)}
+                                                         sampling, max_tokens, epoch, devices, head_name))
+        scorers = {"float32": LearnerScorer(model_w1, "float32", sampling, devices.learner)}
         if bf16:
-            scorers["bfloat16"] = LearnerScorer(model_w1, "bfloat16", sampling)
+            scorers["bfloat16"] = LearnerScorer(model_w1, "bfloat16", sampling, devices.learner)
 
         rows = []
         for variant in variants:
@@ -406,7 +457,10 @@ def run_doctor(model: Path, out_dir: Path, *, prompts: int = 16, max_tokens: int
                                and check["max_abs_delta"] <= UPDATE_CHECK_MAX and head_ok)
         contrast = compare_to_fresh(runs["runtime_defaults"]["batch_b"], fresh)
     report = {
-        "model": str(model), "prompts": prompts, "max_tokens": max_tokens, "prefix_len": prefix_len,
+        "model": str(model), "devices": devices.describe(),
+        "enforce_eager": runs["all_on"]["effective"]["enforce_eager"],
+        "cudagraph_mode": runs["all_on"]["effective"].get("cudagraph_mode"),
+        "prompts": prompts, "max_tokens": max_tokens, "prefix_len": prefix_len,
         "sampling": sampling.__dict__, "perturb": perturb, "algorithm": algorithm, "seed": seed,
         "floor": FLOOR, "rows": rows,
         "update_check": check, "update_check_runtime_defaults_contrast": contrast,
@@ -452,6 +506,9 @@ def format_report(report: dict) -> str:
         f"model {report['model']}; {report['prompts']} prompts x {report['max_tokens']} tokens, shared prefix "
         f"{report['prefix_len']}; T={s['temperature']} top_k={s['top_k']} top_p={s['top_p']}; "
         f"learner algorithm {report['algorithm']}",
+        f"devices: actor {report['devices']['actor']} (enforce_eager {report['enforce_eager']}, CUDA graphs "
+        f"{report['cudagraph_mode']}), learner {report['devices']['learner']}, weight update over "
+        f"{report['devices']['weight_update_backend']}",
         "fp32 rows: tokens of batch B, sampled after an update W0 -> W1 through the row's update path;"
         " bf16 rows: engines started on W1 (" + report["head_rows_note"] + ").",
         "",
@@ -488,7 +545,7 @@ def format_report(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     """`tether parity`: run the doctor, print the table, write JSON and PNG; 1 if the update check fails."""
     parser = argparse.ArgumentParser(prog="tether parity", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, help="Hugging Face model directory (untied lm_head)")
+    parser.add_argument("--model", required=True, help="Hugging Face model directory (tied or untied lm_head)")
     parser.add_argument("--out", default="", help="output directory (default <run_dir>/parity or ./runs/parity)")
     parser.add_argument("--run-dir", default="", help="run directory whose parity/ subfolder gets the output")
     parser.add_argument("--prompts", type=int, default=16)
@@ -502,13 +559,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--algorithm", default="grpo")
     parser.add_argument("--no-bf16", action="store_true", help="skip the two bf16 lm_head rows (two engines fewer)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="device type of both sides (default auto: cuda when present)")
     args = parser.parse_args(argv)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     out = Path(args.out) if args.out else (Path(args.run_dir) / "parity" if args.run_dir else Path("runs/parity"))
     report = run_doctor(Path(args.model), out, prompts=args.prompts, max_tokens=args.max_tokens,
                         prefix_len=args.prefix_len,
                         sampling=Sampling(args.temperature, args.top_k, args.top_p), perturb=args.perturb,
-                        bf16=not args.no_bf16, algorithm=args.algorithm, seed=args.seed)
+                        bf16=not args.no_bf16, algorithm=args.algorithm, seed=args.seed, device=args.device)
     print(format_report(report))
     print(f"wrote {out / 'parity.json'} and {out / 'parity.png'}")
     return 0 if report["update_check"]["passed"] else 1

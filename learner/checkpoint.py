@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
-from tether.learner.model import publish_dtype
+from tether.learner.model import publish_dtypes
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 _STATE = "state.json"
@@ -90,9 +90,10 @@ def export_hf(model: nn.Module, out_dir: Path, model_dir: str | Path, body_dtype
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if _is_rank0():
         out_dir.mkdir(parents=True, exist_ok=True)
+        # publish_dtypes: the head matrix in fp32, the body in body_dtype, a tied matrix once.
         tensors = {
-            name: tensor.detach().to(publish_dtype(name, body_dtype, fp32_lm_head)).contiguous()
-            for name, tensor in state.items()
+            name: state[name].detach().to(dtype).contiguous()
+            for name, dtype in publish_dtypes(model, body_dtype, fp32_lm_head).items()
         }
         save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
         for item in Path(model_dir).iterdir():

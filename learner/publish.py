@@ -34,7 +34,7 @@ from tether.common.weight_group import (
     join_weight_group,
     spec_nbytes,
 )
-from tether.learner.model import full_tensor, publish_dtype
+from tether.learner.model import full_tensor, publish_dtypes
 
 log = get_logger(__name__)
 
@@ -125,10 +125,11 @@ class WeightPublisher:
         self.backend = backend
         self.device = device or torch.device("cpu")
         self.timeout_s = timeout_s
-        self._dtypes = {name: publish_dtype(name, body_dtype, fp32_lm_head) for name in model.state_dict()}
+        self._dtypes = publish_dtypes(model, body_dtype, fp32_lm_head)  # a tied head matrix once, fp32
+        state = model.state_dict()
         self._specs = [
-            TensorSpec(name=name, shape=tuple(tensor.shape), dtype=dtype_name(self._dtypes[name]))
-            for name, tensor in model.state_dict().items()
+            TensorSpec(name=name, shape=tuple(state[name].shape), dtype=dtype_name(dtype))
+            for name, dtype in self._dtypes.items()
         ]
         self._group: WeightGroup | None = None
         self._sender: WeightSender | None = None

@@ -43,9 +43,9 @@ from tether.learner.checkpoint import (
 )
 from tether.learner.consumption_log import ConsumptionLog
 from tether.learner.gradients import clip_gradients
-from tether.learner.logprobs import processed_entropy, processed_logprobs
+from tether.learner.completion import completion_logprobs
 from tether.learner.metrics import StepMetrics, drop_records_after
-from tether.learner.model import completion_logits, load_policy
+from tether.learner.model import load_policy
 from tether.learner.publish import PublishStats, Rendezvous, WeightPublisher, broadcast_flags
 from tether.learner.sinks import build_sinks
 from tether.learner.source import BatchSource
@@ -73,29 +73,6 @@ def _dummy_micro_batch() -> MicroBatch:
         mask=torch.zeros(1, 1), behaviour_logprobs=torch.zeros(1, 1), versions=torch.zeros(1, 1, dtype=torch.long),
         advantages=torch.zeros(1), sampling=((1.0, 0, 1.0),),
     )
-
-
-def sequence_logprobs(logits: torch.Tensor, mb: MicroBatch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Processed logprobs (differentiable) and entropies (detached) of the completion tokens, [B, L].
-
-    Each sequence is processed with its own sampling spec (temperature, top-k, top-p), as the actor
-    sampled it (tether.learner.logprobs).
-    """
-    specs = sorted(set(mb.sampling))
-    if len(specs) == 1:
-        spec = specs[0]
-        with torch.no_grad():
-            entropy = processed_entropy(logits.detach(), *spec)
-        return processed_logprobs(logits, mb.completion_ids, *spec), entropy
-    rows, logprobs, entropies = [], [], []
-    for spec in specs:
-        idx = torch.tensor([i for i, s in enumerate(mb.sampling) if s == spec], device=logits.device)
-        rows.append(idx)
-        logprobs.append(processed_logprobs(logits[idx], mb.completion_ids[idx.cpu()].to(logits.device), *spec))
-        with torch.no_grad():
-            entropies.append(processed_entropy(logits[idx].detach(), *spec))
-    inverse = torch.argsort(torch.cat(rows))
-    return torch.cat(logprobs)[inverse], torch.cat(entropies)[inverse]
 
 
 class Learner:
@@ -323,9 +300,9 @@ class Learner:
         device = self.device
         positions = mb.logit_positions().to(device)
         input_ids, attention_mask = mb.input_ids.to(device), mb.attention_mask.to(device)
-        logits = completion_logits(self.model, input_ids, attention_mask, positions)
-        logprobs, entropy = sequence_logprobs(logits, mb)
-        del logits
+        chunk_bytes = int(self.config.learner.logits_chunk_mb * 2**20)
+        logprobs, entropy = completion_logprobs(self.model, input_ids, attention_mask, positions, mb.completion_ids,
+                                                mb.sampling, chunk_bytes=chunk_bytes)
         mask = mb.mask.to(device)
         behaviour = mb.behaviour_logprobs.to(device)
         # A behaviour token outside the learner's top-k/top-p set has logprob -inf: it cannot be
@@ -337,8 +314,8 @@ class Learner:
         ref_logprobs = None
         if self.ref_model is not None:
             with torch.no_grad():
-                ref_logits = completion_logits(self.ref_model, input_ids, attention_mask, positions)
-                ref_logprobs = sequence_logprobs(ref_logits, mb)[0]
+                ref_logprobs = completion_logprobs(self.ref_model, input_ids, attention_mask, positions,
+                                                   mb.completion_ids, mb.sampling, chunk_bytes=chunk_bytes)[0]
                 ref_logprobs = torch.where(torch.isfinite(ref_logprobs), ref_logprobs, logprobs.detach())
         inp = LossInput(
             logprobs=logprobs, old_logprobs=behaviour, advantages=mb.advantages.to(device), mask=mask,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -21,13 +22,70 @@ def test_there_are_shipped_configs():
     assert SHIPPED, f"no configs in {CONFIG_DIR}"
 
 
+MATCHING_MODEL = {
+    # config file -> the tiny-model variant with the same shape as the model it names (tether tiny-model)
+    "demo.yaml": {},  # the embedded tiny model itself (model.path empty)
+    "gpu-qwen2.5-0.5b-gsm8k.yaml": {"tied": True, "max_position_embeddings": 32768},  # Qwen2.5-0.5B ties
+}
+
+
+@pytest.fixture(scope="module")
+def matching_models(tmp_path_factory):
+    from tether.common.tiny_model import build_tiny_model
+
+    built = {}
+    for variant in {tuple(sorted(v.items())) for v in MATCHING_MODEL.values()}:
+        out = tmp_path_factory.mktemp("model")
+        build_tiny_model(out, seed=0, warm_start=False, **dict(variant))
+        built[variant] = out
+    return built
+
+
+def test_every_shipped_config_has_a_matching_model():
+    assert sorted(MATCHING_MODEL) == [p.name for p in SHIPPED], "add the new config's model shape to MATCHING_MODEL"
+
+
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
-def test_every_shipped_config_loads(path):
-    config = load_config(path)
+def test_every_shipped_config_loads_against_its_model(path, matching_models):
+    model = matching_models[tuple(sorted(MATCHING_MODEL[path.name].items()))]
+    config = load_config(path, [f"model.path={model}"])
     assert isinstance(config, RunConfig)
     # The file's own values win over the defaults.
     raw = yaml.safe_load(path.read_text())
     assert config.run.name == raw.get("run", {}).get("name", config.run.name)
+
+
+def _model_dir(tmp_path, **fields):
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen2ForCausalLM"],
+                                                      "max_position_embeddings": 512, **fields}))
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    ("fields", "overrides", "message"),
+    [
+        ({}, ["actor.engine.max_model_len=1024"], r"actor\.engine\.max_model_len: 1024 exceeds the model's 512"),
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, ["actor.engine.max_model_len=4096"],
+         r"exceeds the model's 2048"),
+        ({"torch_dtype": "bfloat16"}, ["model.dtype=float16"], r"model\.dtype: float16 for a model stored in bfloat16"),
+        ({"quantization_config": {"quant_method": "awq"}}, [], r"model\.fp32_lm_head: the checkpoint is quantized \(awq\)"),
+        ({"architectures": ["Qwen2VLForConditionalGeneration"]}, [], r"no \*ForCausalLM class"),
+    ],
+)
+def test_model_conflicts_are_named_before_any_daemon_starts(tmp_path, fields, overrides, message):
+    model = _model_dir(tmp_path, **fields)
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [f"model.path={model}", *overrides])
+
+
+def test_model_checks_pass_when_the_config_fits_and_can_be_skipped(tmp_path):
+    model = _model_dir(tmp_path, torch_dtype="bfloat16", tie_word_embeddings=True,
+                       rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    assert load_config(None, [f"model.path={model}", "actor.engine.max_model_len=2048"]).model.path == str(model)
+    with pytest.raises(ConfigError, match=r"model\.path: .* has no config\.json"):
+        load_config(None, [f"model.path={tmp_path / 'missing'}"])
+    # tools that never load the model (tether status) skip the check
+    assert load_config(None, [f"model.path={tmp_path / 'missing'}"], check_model_dir=False)
 
 
 def test_defaults_are_the_parity_settings():

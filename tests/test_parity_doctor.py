@@ -85,3 +85,6 @@ def test_update_path_check_passes_and_outputs_exist(doctor):
         line = next(line for line in lines if line.startswith(row["config"]))
         assert f"{row['mean_abs_delta']:9.2e}" in line and f"{row['clipped_fraction']:7.3f}" in line, line
     assert next(line for line in lines if line.startswith("update path check")).endswith(": PASS")
+    # No GPU here: both sides on the CPU, the update over gloo, the engines eager (auto on CPU).
+    assert report["devices"] == {"actor": "cpu", "learner": "cpu", "weight_update_backend": "gloo"}
+    assert report["enforce_eager"] is True

@@ -30,8 +30,10 @@ class EngineConfig(Section):
     """Parity key. vllm: ignore a model's generation_config.json sampling defaults."""
     seed: int = 0
     """Engine seed (sampling is also seeded per request from it)."""
-    enforce_eager: bool = True
-    """Skip graph capture/compilation: faster start-up, same numerics."""
+    enforce_eager: str = "auto"
+    """auto: false on CUDA (torch.compile and CUDA graphs: decode steps replay captured graphs), true on
+    CPU (compilation costs start-up time there). true/false force it. The engine report shows the
+    effective value and the CUDA graph mode."""
     enable_chunked_prefill: bool = True
     """Split long prefills across scheduler steps (vLLM default; pinned so it is explicit)."""
     max_num_seqs: int = 256
@@ -54,6 +56,9 @@ class EngineConfig(Section):
     def __post_init__(self) -> None:
         self.require_choice("logprobs_mode", LOGPROBS_MODES)
         self.require_choice("generation_config", GENERATION_CONFIG_SOURCES)
+        # YAML and overrides give booleans, which the str field holds as "True"/"False".
+        self.enforce_eager = str(self.enforce_eager).lower()
+        self.require_choice("enforce_eager", ("auto", "true", "false"))
         for key in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "tensor_parallel_size"):
             self.require(getattr(self, key) >= 1, key, "must be >= 1")
         self.require(0.0 < self.gpu_memory_utilization <= 1.0, "gpu_memory_utilization", "must be in (0, 1]")

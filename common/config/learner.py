@@ -76,6 +76,9 @@ class LearnerConfig(Section):
     """Continue from the newest checkpoint in the run directory if there is one."""
     activation_checkpointing: bool = False
     """Recompute decoder-layer activations in backward to save memory."""
+    logits_chunk_mb: float = 256.0
+    """Largest chunk of fp32 logits (sequences x completion positions x vocabulary x 4 bytes) the lm_head
+    and logprob processing compute at once; backward recomputes each chunk instead of keeping it."""
     rollouts_path: str = ""
     """Train on the rollouts saved in this file (tether.learner.source.save_rollouts) instead of the broker."""
     publish_to: str = "broker"
@@ -114,3 +117,4 @@ class LearnerConfig(Section):
         self.require(self.checkpoint_interval >= 0, "checkpoint_interval", "must be >= 0")
         self.require(self.keep_checkpoint_every >= 0, "keep_checkpoint_every", "must be >= 0 (0 keeps all)")
         self.require(self.keep_last_checkpoints >= 1, "keep_last_checkpoints", "must be >= 1 (resume needs the latest)")
+        self.require(self.logits_chunk_mb > 0, "logits_chunk_mb", "must be > 0")

@@ -9,14 +9,18 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 from omegaconf.errors import ValidationError as OmegaValidationError
 
+from tether.common.config.model_check import check_model
 from tether.common.config.run import RunConfig
 from tether.common.errors import ConfigError
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *,
+                check_model_dir: bool = True) -> RunConfig:
     """Merge the schema defaults, the YAML file at `path` and the overrides, then validate.
 
-    Raises ConfigError naming the key for an unknown key, a wrong type or a rule violation.
+    Raises ConfigError naming the key for an unknown key, a wrong type or a rule violation. With
+    `check_model_dir` (tools that never load the model, such as `tether status`, pass False), a
+    non-empty model.path must hold a config.json that agrees with the run config (model_check).
     """
     schema = OmegaConf.structured(RunConfig)
     where = f" in {path}" if path else ""
@@ -40,14 +44,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     except OmegaConfBaseException as exc:
         raise ConfigError(f"{getattr(exc, 'full_key', '') or 'config'}: {str(exc).splitlines()[0]}{where}") from None
     assert isinstance(config, RunConfig)
+    if check_model_dir:
+        check_model(config)
     return config
 
 
-def load_config_or_exit(parser: argparse.ArgumentParser, path: str | Path | None, overrides) -> RunConfig:
+def load_config_or_exit(parser: argparse.ArgumentParser, path: str | Path | None, overrides, *,
+                        check_model_dir: bool = True) -> RunConfig:
     """load_config for a command line: a bad config ends the program the way argparse ends a bad
     argument, with `<prog>: config error: <message naming the key>` and exit status 2."""
     try:
-        return load_config(path, overrides)
+        return load_config(path, overrides, check_model_dir=check_model_dir)
     except ConfigError as exc:
         parser.exit(2, f"{parser.prog}: config error: {exc}\n")
 

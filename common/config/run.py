@@ -10,6 +10,7 @@ from tether.common.config.base import Section
 from tether.common.config.broker import BrokerConfig
 from tether.common.config.learner import LearnerConfig
 from tether.common.config.model import ModelConfig, TaskConfig
+from tether.common.config.placement import PlacementConfig, parse_ids
 
 METRICS_SINKS = ("jsonl", "tensorboard", "wandb")
 
@@ -101,6 +102,8 @@ class RunConfig(Section):
     """The learner."""
     weights: WeightSyncConfig = field(default_factory=WeightSyncConfig)
     """Weight updates from the learner to the actors."""
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    """Where each daemon runs: CPU sets and GPUs (launchers)."""
 
     def __post_init__(self) -> None:
         group = self.actor.sampling.group_size
@@ -133,6 +136,11 @@ class RunConfig(Section):
         )
         if self.broker.journal_path == "auto":
             self.broker.journal_path = str(Path(self.run.dir) / "broker" / "journal.bin")
+        tp = self.actor.engine.tensor_parallel_size
+        self.placement.require(
+            len(parse_ids(self.placement.actor_gpus)) % tp == 0, "actor_gpus",
+            f"must hold whole sets of actor.engine.tensor_parallel_size ({tp}) GPUs",
+        )
         if self.weights.mode == "stop_the_world":
             # Strictly on-policy: step s+1 trains only on tokens of version s, which needs every
             # version published (and published through the broker, which enforces the quota).
