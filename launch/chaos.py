@@ -6,7 +6,8 @@ chosen learner steps it injects the faults clusters inflict, waits for the run t
 measures it:
 
 - the only actor's whole process tree is killed with -9; a replacement with the same id and a
-  second actor joining late start at once (both must catch up to the current weights),
+  second actor joining late (through launch/add_actors.sh) start at once (both must catch up to the
+  current weights),
 - an actor is stopped (SIGSTOP) past the peer timeout and continued (it must come back),
 - the broker is killed with -9 and restarted on its journal,
 - the learner (torchrun and its ranks) is killed with -9 and restarted: it resumes from its newest
@@ -38,7 +39,7 @@ from tether.common.messages import Status, StatusRequest
 from tether.common.net import free_port
 from tether.common.peer import BrokerConnection, BrokerError
 from tether.launch.demo import DEFAULT_CONFIG, actor_spec, daemon_specs
-from tether.launch.supervisor import Child, Supervisor
+from tether.launch.supervisor import Child, ProcessSpec, Supervisor
 from tether.learner.consumption_log import final_lineage
 
 CHAOS_OVERRIDES = [
@@ -159,6 +160,16 @@ class ChaosRun:
         self.children[name] = self.supervisor.start(spec)
         return self.children[name]
 
+    def add_actor(self, prefix: str, index: int) -> Child:
+        """Start actor `<prefix>-<index>` through launch/add_actors.sh, as an operator would."""
+        name = f"{prefix}-{index}"
+        script = Path(__file__).resolve().parent / "add_actors.sh"
+        spec = ProcessSpec(name, ["bash", str(script), str(self.run_config_path), "1", "--first-index", str(index),
+                                  "--id-prefix", prefix], Path(self.config.run.dir) / "logs" / f"{name}.out",
+                           {"TETHER_PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+        self.children[name] = self.supervisor.start(spec)
+        return self.children[name]
+
     def kill(self, name: str, signum: int = signal.SIGKILL) -> None:
         child = self.children[name]
         self.supervisor.kill(child, signum)
@@ -241,7 +252,7 @@ def run_chaos(run_dir: Path, model_path: str, *, steps_after: int = 10, learner_
         t0, d0 = time.monotonic(), run.dropped()
         run.kill("actor-0")
         run.start("actor-0")
-        run.start("actor-1")
+        run.add_actor("actor", 1)  # the way an operator adds one: launch/add_actors.sh
         run.wait(progress_after(run.step()), "a learner step after the only actor was killed", left())
         trained_on = time.monotonic() - t0
         for name, fault, detail in (("actor-0", "actor killed -9, replaced", "replacement"),

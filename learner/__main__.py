@@ -103,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
             learner.step()
             learner.maybe_publish()
             learner.maybe_checkpoint()
+        if not learner.deliver_final_weights(config.weights.timeout_s):
+            log.warning("some actors do not hold the final version", version=learner.version)
         if link is not None and rank == 0:
             # Let the broker acknowledge the final commit, so a clean stop leaves nothing leased.
             connection.wait_until(lambda: link.commit_pending is None, 30.0)

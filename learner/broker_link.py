@@ -28,6 +28,7 @@ from tether.common.messages import (
     PublishRequest,
     PublishWanted,
     RolloutBatch,
+    StatusRequest,
     TensorSpec,
     UpdateReport,
     WeightUpdate,
@@ -147,6 +148,16 @@ class LearnerLink:
     def publish_wanted(self) -> bool:
         """Whether the broker asked for a publish since the last `publish()` (the flag is kept)."""
         return self._publish_wanted
+
+    def actors_hold(self, version: int) -> bool:
+        """Whether every live actor holds `version` and no weight update is running (False when the
+        broker does not answer)."""
+        try:
+            status = self.conn.request(StatusRequest(), timeout=5.0)
+        except BrokerError:
+            return False
+        actors = [p for p in status.peers if p.role == "actor" and p.alive]
+        return not status.update_in_flight and all(p.loaded_version == version for p in actors)
 
     def _on_publish_wanted(self, wanted: PublishWanted, _msg_id: str) -> None:
         self._publish_wanted = True

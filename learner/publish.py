@@ -50,6 +50,10 @@ class Rendezvous(Protocol):
         """Whether the broker asked for a publish since the last `publish()`."""
         ...
 
+    def actors_hold(self, version: int) -> bool:
+        """Whether every live actor holds `version` and no weight update is running."""
+        ...
+
     def report_update(self, update: WeightUpdate, *, ok: bool, seconds: float, error: str = "") -> None:
         ...
 
@@ -78,6 +82,9 @@ class StaticRendezvous:
 
     def publish_wanted(self) -> bool:
         return False
+
+    def actors_hold(self, version: int) -> bool:
+        return True  # a static group receives every publish in full, or fails it
 
     def report_update(self, update: WeightUpdate, *, ok: bool, seconds: float, error: str = "") -> None:
         if not ok:
@@ -144,7 +151,7 @@ class WeightPublisher:
         Never raises for a group failure: rank 0 returns ok=False with the error (and drops the
         group), after taking part in every gather so the learner ranks stay in lockstep.
         """
-        receivers = _broadcast_int(update.world_size - 1 if update is not None else 0, self.device)
+        receivers = broadcast_int(update.world_size - 1 if update is not None else 0, self.device)
         stats = PublishStats(version=version, epoch=update.epoch if update is not None else -1, receivers=receivers)
         if receivers <= 0:
             return stats
@@ -156,7 +163,7 @@ class WeightPublisher:
             except Exception as exc:  # a dead or stuck member: this epoch is over
                 stats.ok, stats.error = False, f"joining the weight group failed: {exc}"
                 self.close()
-        if not _broadcast_int(int(group is not None), self.device):
+        if not broadcast_int(int(group is not None), self.device):
             stats.ok = False
             stats.seconds = time.perf_counter() - start
             return stats
@@ -194,7 +201,7 @@ class WeightPublisher:
         return self._group
 
 
-def _broadcast_int(value: int, device: torch.device) -> int:
+def broadcast_int(value: int, device: torch.device) -> int:
     """Rank 0's `value` on every learner rank (a no-op on one process)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return value

@@ -41,12 +41,18 @@ from tether.learner.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
+from tether.learner.completion import completion_logprobs
 from tether.learner.consumption_log import ConsumptionLog
 from tether.learner.gradients import clip_gradients
-from tether.learner.completion import completion_logprobs
 from tether.learner.metrics import StepMetrics, drop_records_after
 from tether.learner.model import load_policy
-from tether.learner.publish import PublishStats, Rendezvous, WeightPublisher, broadcast_flags
+from tether.learner.publish import (
+    PublishStats,
+    Rendezvous,
+    WeightPublisher,
+    broadcast_flags,
+    broadcast_int,
+)
 from tether.learner.sinks import build_sinks
 from tether.learner.source import BatchSource
 
@@ -57,6 +63,7 @@ MAX_EMPTY_FETCHES = 100
 """Consecutive batches without a trainable token after which the learner gives up."""
 POLL_S = 0.1
 """How often waiting ranks check together whether to publish."""
+_STOP, _WAIT, _PUBLISH = 0, 1, 2  # rank 0's decisions in deliver_final_weights
 MAX_NONFINITE_SKIPS = 10
 """Batches in a row whose gradients may be skipped as non-finite before the learner gives up: one
 is an outlier; a run of them means the model or the data is broken, and more skipping would only
@@ -123,6 +130,7 @@ class Learner:
         self.committed_version = -1
         """Version of the newest checkpoint this run's lineage holds (-1: none)."""
         self.dropped_total = 0
+        self._fetch_wait_s = 0.0
         self.steps_skipped_nonfinite = 0
         if cfg.resume and (path := latest_checkpoint(self.run_dir)) is not None:
             self.version = load_checkpoint(path, self.model, self.optimizer)
@@ -167,6 +175,7 @@ class Learner:
         """
         cfg = self.config.learner
         started = time.perf_counter()
+        self._fetch_wait_s = 0.0
         carried = StepMetrics()
         for skips in range(MAX_NONFINITE_SKIPS + 1):
             m, prepared = self._forward_backward()
@@ -196,6 +205,7 @@ class Learner:
         if self.archive is not None:
             self.archive.write(self.version, prepared.kept, prepared.advantages)
 
+        m.max("fetch_wait_s", self._fetch_wait_s)
         g = m.reduce(self.device)
         seconds = time.perf_counter() - started
         self.dropped_total += int(g.sums["samples_dropped"])
@@ -282,6 +292,7 @@ class Learner:
         self.source.request(step=self.version, rank=self.rank, world_size=self.world_size,
                             size=cfg.rollouts_per_step, learner_version=self.version, max_lag=cfg.max_lag)
         batch = None
+        waiting_since = time.perf_counter()
         while True:
             if batch is None:
                 batch = self.source.poll(POLL_S)
@@ -289,6 +300,7 @@ class Learner:
             if wanted:
                 self.publish()
             if not waiting:
+                self._fetch_wait_s += time.perf_counter() - waiting_since
                 if self.consumption is not None:
                     self.consumption.record(self.version, batch.rollouts)
                 return batch
@@ -369,6 +381,7 @@ class Learner:
         var = g.sums["reward_sq_sum"] / n - mean * mean if n else float("nan")
         record = {
             "step": self.version, "version": self.version,
+            "fetch_wait_s": g.maxes["fetch_wait_s"],  # of step_seconds, the time spent waiting for rollouts
             "reward_mean": mean, "reward_std": math.sqrt(max(var, 0.0)) if n else float("nan"),
             "loss": g.sums["loss"],  # each rank's share is already normalised by the global totals
             "pg_loss": g.ratio("pg_loss_sum", "scored_tokens"),
@@ -428,6 +441,28 @@ class Learner:
         due = self.version % self.config.learner.publish_interval == 0
         _, wanted = broadcast_flags(False, self._publish_wanted(), self.device)
         return self.publish() if due or wanted else None
+
+    def deliver_final_weights(self, timeout_s: float) -> bool:
+        """After the last step (collective): keep publishing while the broker asks, until every live
+        actor holds the final version or `timeout_s` passes, so a run ends with its actors on the
+        trained weights (a publish deferred behind an update in flight would otherwise never happen)."""
+        if self.publisher is None:
+            return True
+        deadline = time.monotonic() + timeout_s
+        while True:
+            decision = _STOP
+            if self.rendezvous is not None:
+                if self.rendezvous.publish_wanted():
+                    decision = _PUBLISH
+                elif not self.rendezvous.actors_hold(self.version) and time.monotonic() < deadline:
+                    decision = _WAIT
+            decision = broadcast_int(decision, self.device)
+            if decision == _STOP:
+                return self.rendezvous is None or self.rendezvous.actors_hold(self.version)
+            if decision == _PUBLISH:
+                self.publish()
+            else:
+                time.sleep(POLL_S)
 
     def save_checkpoint(self) -> Path:
         """Save the current version (collective), then commit the rollouts trained so far (rank 0):

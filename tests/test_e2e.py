@@ -1,9 +1,9 @@
 """The whole system for a few steps: broker, 2 actors (real vLLM V1), a 2-rank torchrun learner.
 
 The normal path, deterministic: the learner starts once both actors registered, so every actor
-loads every version. (Actors joining late, dying, stopping and being replaced are test_chaos.py's
+trains from version 0 on. (Actors joining late, dying, stopping and being replaced are test_chaos.py's
 cases.) Checked from what the daemons leave behind (metrics, logs, the broker's journal and its
-Status): versions advance; every actor loads every version; per-token versions never decrease
+Status): versions advance; every actor's versions grow and end on the last; per-token versions never decrease
 within a sequence; no acked rollout is lost (actor acks = broker stored = consumed + dropped +
 buffered, with nothing left leased, and the learner received exactly what was consumed); lag
 stays within max_lag; lag-0 tokens hold the parity floor.
@@ -88,14 +88,16 @@ def run(tiny_model_dir, tmp_path_factory):
     return run_dir, config, status
 
 
-def test_versions_advance_and_every_actor_loads_every_version(run):
+def test_versions_advance_and_every_actor_ends_on_the_last(run):
     run_dir, _, status = run
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == list(range(1, STEPS + 1))
     assert status.latest_version == STEPS and status.committed_version == STEPS
     for i in range(ACTORS):
         events = _json_lines(run_dir / "logs" / f"actor-{i}.jsonl")
         loaded = [e["version"] for e in events if e["event"] == "weights_updated"]
-        assert loaded == list(range(1, STEPS + 1)), (i, loaded)  # registered before version 1: none skipped
+        # Versions only grow, and every actor ends on the final one. (A publish that would queue behind an
+        # update still in flight is skipped for a newer one, so a fast learner may skip a version.)
+        assert loaded and loaded == sorted(set(loaded)) and loaded[-1] == STEPS, (i, loaded)
 
 
 def test_token_versions_never_decrease_and_stay_in_range(run):

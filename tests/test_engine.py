@@ -310,15 +310,31 @@ def test_a_failed_update_keeps_generation_paused_until_a_complete_one(loop, engi
     version = engine.version + 1
     dying = mp.get_context("spawn").Process(target=_dying_sender_main, args=(port, local_group_key(90)))
 
+    counts = [0]
+
+    async def stream():
+        from vllm.sampling_params import RequestOutputKind
+
+        from tether.actor.engine import completion_from_output
+
+        params = _params(seed=5, max_tokens=40, ignore_eos=True)
+        params.output_kind = RequestOutputKind.CUMULATIVE
+        final = None
+        async for final in engine.stream(PROMPTS[0], params, "paused-1"):
+            counts[0] = len(final.outputs[0].token_ids)
+        return completion_from_output(final)
+
     async def run():
-        request = asyncio.ensure_future(engine.generate(PROMPTS[0], _params(seed=5, max_tokens=24, ignore_eos=True)))
-        await asyncio.sleep(0.2)
+        request = asyncio.ensure_future(stream())
+        while counts[0] < 2:  # in flight, a few tokens in
+            await asyncio.sleep(0.002)
         dying.start()
         with pytest.raises(WeightUpdateError):
             await engine.update_weights(local_update(version, 90, state, 64 * 1024, port))
         assert not engine.healthy and engine.version == version - 1
+        seen = counts[0]
         await asyncio.sleep(1.0)
-        assert not request.done()  # paused: no token from weights that may be mixed
+        assert not request.done() and counts[0] == seen < 40  # paused: no token from weights that may be mixed
         good = mp.get_context("spawn").Process(target=send_states, args=(port, [(91, str(tmp_path / "good.pt"))],
                                                                           64 * 1024))
         good.start()
@@ -331,5 +347,5 @@ def test_a_failed_update_keeps_generation_paused_until_a_complete_one(loop, engi
     dying.join(10)
     del store
     assert engine.healthy and engine.version == version
-    assert len(completion.token_ids) == 24 and set(completion.versions.tolist()) <= {version - 1, version}
+    assert len(completion.token_ids) == 40 and set(completion.versions.tolist()) <= {version - 1, version}
     assert completion.versions[-1] == version  # it finished on the complete update's weights

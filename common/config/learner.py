@@ -64,8 +64,11 @@ class LearnerConfig(Section):
     """Broadcast weights every this many steps."""
     bucket_mb: int = 64
     """Bucket size when gathering and broadcasting full tensors."""
-    checkpoint_interval: int = 0
-    """Save a checkpoint every this many steps; 0: only at the end."""
+    checkpoint_interval: int = 50
+    """Save a checkpoint every this many steps (and at the end); 0: only at the end. A checkpoint is
+    also the commit point of exactly-once delivery: the broker holds the rollouts of the steps since
+    the last one as leases (in memory and in its journal) and serves them again to a learner that
+    resumes from it, so the interval bounds both what a restart retrains and what the broker holds."""
     keep_checkpoint_every: int = 0
     """Retention: after each save, keep the checkpoints whose version is a multiple of this (plus the
     latest keep_last_checkpoints) and delete the rest; 0 keeps every checkpoint written. `tether audit`
