@@ -1,6 +1,6 @@
 """Byte transports between the broker and its peers: one interface, two implementations.
 
-The coordination code (broker state, BrokerClient) only sees these interfaces:
+The coordination code (broker state, BrokerConnection) only sees these interfaces:
 
 - `ClientTransport`: one peer's connection to the broker; send bytes, receive bytes with a timeout.
 - `ServerTransport`: the broker's side; receives `Received(peer, data, credential)` where `peer` is

@@ -143,11 +143,11 @@ class RunConfig(Section):
         )
         if self.weights.mode == "stop_the_world":
             # Strictly on-policy: step s+1 trains only on tokens of version s, which needs every
-            # version published (and published through the broker, which enforces the quota).
+            # version published (and published through the broker, which grants one step per version).
             stw = "weights.mode=stop_the_world trains on lag-0 tokens only"
             learner.require(learner.max_lag == 0, "max_lag", f"must be 0 when {stw}")
             learner.require(learner.publish_interval == 1, "publish_interval", f"must be 1 when {stw}")
             learner.require(learner.publish_to == "broker", "publish_to",
-                            "must be broker when weights.mode=stop_the_world (the broker enforces the per-version quota)")
+                            "must be broker when weights.mode=stop_the_world (the broker grants one step's worth per version)")
             learner.require(not learner.rollouts_path, "rollouts_path",
                             "must be empty when weights.mode=stop_the_world (rollouts come from the broker)")
