@@ -482,10 +482,14 @@ class BrokerState:
             lease = self.ledger.leases.get(lease_key(parked.session, req.rank, req.seq))
             if lease is None:
                 # Staleness is judged when a batch is served: rollouts that arrived while the
-                # request waited may be too old by now.
-                dropped = self.ledger.drop_where(
-                    lambda r, v=req.learner_version, lag=req.max_lag: is_stale(r.min_version, v, lag),
-                    "older than max_lag when served")
+                # request waited may be too old by now. The scan runs only when the oldest
+                # buffered token is stale (a scan per message was the broker's main cost).
+                oldest = self.ledger.buffer.oldest_version()
+                dropped = 0
+                if oldest is not None and is_stale(oldest, req.learner_version, req.max_lag):
+                    dropped = self.ledger.drop_where(
+                        lambda r, v=req.learner_version, lag=req.max_lag: is_stale(r.min_version, v, lag),
+                        "older than max_lag when served")
                 if dropped:
                     self._unreported_drops += dropped
                     self.log.info("dropped stale rollouts", count=dropped, learner_version=req.learner_version,
