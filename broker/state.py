@@ -76,6 +76,12 @@ ACCEPTED_FROM: dict[type[Record], frozenset[str]] = {
 }
 
 
+# Records whose handling changes nothing a publish nudge depends on (membership, the version
+# book, weight updates); the rollout traffic, so the nudge check need not scan every actor per message.
+NUDGE_NEUTRAL: frozenset[type[Record]] = frozenset({SubmitRollouts, Heartbeat, BatchRequest, Commit,
+                                                     GenerationRequest, StatusRequest})
+
+
 @dataclass(frozen=True)
 class RunPolicy:
     """What the broker must know of the run beyond its own section (from the run config)."""
@@ -232,7 +238,7 @@ class BrokerState:
                 return self._error(identity, "forbidden", f"a {peer.role} may not send {message.kind!r}", msg_id)
             self.members.touch(peer, identity)
             self._dispatch(peer, message, out)
-        self._serve(out)
+        self._serve(out, nudge=type(body) not in NUDGE_NEUTRAL)
         return out
 
     def _dispatch(self, peer: Peer, message: wire.Message, out: list[Outgoing]) -> None:
@@ -324,8 +330,12 @@ class BrokerState:
     def _sender(self, out: list[Outgoing]) -> Callable[[Peer, Record, str | None], None]:
         return lambda peer, record, msg_id: out.append(Outgoing(peer.identity, record, msg_id))
 
-    def _serve(self, out: list[Outgoing]) -> None:
-        """After any change: serve parked batch requests, then generation requests, then nudge."""
+    def _serve(self, out: list[Outgoing], *, nudge: bool = True) -> None:
+        """After any change: serve parked batch requests, then generation requests, then nudge.
+
+        `nudge=False`: the message changed nothing the nudge depends on, so when the last check
+        found nothing to ask for, this one would not either (only the clock moved).
+        """
         self._serve_batches(out)
         learner_waiting = bool(self._parked)
         next_step = self.book.learner_version + (0 if learner_waiting else 1)
@@ -333,7 +343,8 @@ class BrokerState:
                                           latest_version=self.book.latest_version,
                                           actor_version=self.book.actor_version):
             out.append(Outgoing(grant.identity, grant.record, grant.msg_id))
-        self.updates.maybe_nudge(self.members.learner(), self.members.actors(), self.book, self._sender(out))
+        if nudge or not self.updates.nudge_idle:
+            self.updates.maybe_nudge(self.members.learner(), self.members.actors(), self.book, self._sender(out))
 
     # ------------------------------------------------------------------ registration
 
