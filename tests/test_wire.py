@@ -177,6 +177,44 @@ def test_invalid_rollout_fields_are_named(change, field_in_message):
         wire.decode(_raw_message(body))
 
 
+EDGE_LOGPROBS = [0.0, -0.0, 1e-4, float(np.nextafter(np.float32(1e-4), np.float32(1))), 5e-5, 0.5, -1e30,
+                 float("inf"), float("-inf"), float("nan"), -float(np.finfo(np.float32).max), float(np.finfo(np.float32).tiny)]
+
+
+@pytest.mark.parametrize("logprobs", [[a, b] for a in EDGE_LOGPROBS for b in (-1.0, *EDGE_LOGPROBS)] + [[x] for x in EDGE_LOGPROBS])
+def test_the_logprob_rule_accepts_exactly_finite_values_up_to_1e_4(logprobs):
+    """The decoder's fast check (min and max) against the rule as written: all finite, none > 1e-4."""
+    array = np.asarray(logprobs, dtype=np.float32)
+    allowed = bool(np.all(np.isfinite(array)) and not np.any(array > np.float32(1e-4)))
+    change = {"logprobs": m.float32_array(array), "completion_token_ids": m.int32_array(np.arange(len(array))),
+              "versions": m.int32_array(np.zeros(len(array)))}
+    if allowed:
+        m.Rollout(**_rollout(**change))
+    else:
+        with pytest.raises(ValueError, match="logprobs"):
+            m.Rollout(**_rollout(**change))
+
+
+@pytest.mark.parametrize("versions", [[0], [3, 3, 4], [4, 3], [-1], [0, -1], [5, -2**31], [0, 2**31 - 1, -1],
+                                      [2**31 - 1, 2**31 - 1], [1, 2, 1, 2]])
+def test_versions_must_be_non_negative_and_never_decrease(versions):
+    allowed = versions[0] >= 0 and all(b >= a for a, b in zip(versions, versions[1:], strict=False))
+    change = {"versions": m.int32_array(versions), "logprobs": m.float32_array([-1.0] * len(versions)),
+              "completion_token_ids": m.int32_array(range(len(versions)))}
+    if allowed:
+        rollout = m.Rollout(**_rollout(**change))
+        assert (rollout.min_version, rollout.max_version) == (versions[0], versions[-1])
+    else:  # [5, -2**31] once passed: np.diff wrapped around in int32
+        with pytest.raises(ValueError, match="versions"):
+            m.Rollout(**_rollout(**change))
+
+
+def test_an_empty_completion_has_no_version():
+    empty = m.Rollout(**_rollout(completion_token_ids=m.int32_array([]), logprobs=m.float32_array([]),
+                                 versions=m.int32_array([])))
+    assert (empty.min_version, empty.max_version, empty.num_completion_tokens) == (-1, -1, 0)
+
+
 def test_envelope_errors_are_specific():
     body = _body(m.Rollout(**_rollout()))
     with pytest.raises(WireDecodeError, match="schema version 99"):
