@@ -26,6 +26,8 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import msgspec
+
 from tether.broker.admission import Admission, AdmissionPolicy
 from tether.broker.journal import Meta
 from tether.broker.ledger import Ledger, lease_key
@@ -246,7 +248,7 @@ class BrokerState:
         if isinstance(body, Heartbeat):
             return
         if isinstance(body, SubmitRollouts):
-            self._on_submit(peer, msg_id, body.rollouts, out)
+            self._on_submit(peer, msg_id, body.rollouts, out, message.raw_rollouts)
         elif isinstance(body, GenerationRequest):
             self.admission.request(peer.peer_id, peer.identity, msg_id, body)
         elif isinstance(body, BatchRequest):
@@ -400,7 +402,9 @@ class BrokerState:
 
     # ------------------------------------------------------------------ rollouts
 
-    def _on_submit(self, peer: Peer, msg_id: str, rollouts: list[Rollout], out: list[Outgoing]) -> None:
+    def _on_submit(self, peer: Peer, msg_id: str, rollouts: list[Rollout], out: list[Outgoing],
+                   raw: list[msgspec.Raw] | None = None) -> None:
+        """`raw`: each rollout's bytes as received (wire.Message.raw_rollouts), journaled as they are."""
         if self.book.actor_version(peer.peer_id) is None:
             self._count("rollouts_refused_not_ready", len(rollouts))
             out.append(Outgoing(peer.identity, Ack(
@@ -424,7 +428,11 @@ class BrokerState:
         if self.policy.mode == "stop_the_world":
             valid, stale = self._split_stale_on_arrival(valid)
         self._note_deliveries(peer.peer_id, valid + stale)
-        result = self.ledger.store(valid)
+        if raw is not None and len(raw) == len(rollouts):
+            raw_of = {id(rollout): data for rollout, data in zip(rollouts, raw, strict=True)}
+            result = self.ledger.store(valid, [raw_of[id(rollout)] for rollout in valid])
+        else:
+            result = self.ledger.store(valid)
         dropped = self.ledger.drop_on_arrival(stale, "stale on arrival (stop_the_world)")
         self._unreported_drops += len(dropped.stored)
         if result.stored:

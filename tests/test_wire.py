@@ -215,6 +215,24 @@ def test_an_empty_completion_has_no_version():
     assert (empty.min_version, empty.max_version, empty.num_completion_tokens) == (-1, -1, 0)
 
 
+def test_submitted_rollouts_keep_the_bytes_they_were_sent_as():
+    rollouts = [m.Rollout(**_rollout(rollout_id=f"r{i}")) for i in range(3)]
+    message = wire.decode(wire.encode(m.SubmitRollouts(rollouts=rollouts), sender="s"))
+    assert message.body.rollouts == rollouts
+    assert [bytes(raw) for raw in message.raw_rollouts] == [msgspec.msgpack.encode(r) for r in rollouts]
+    assert wire.decode(wire.encode(m.Commit(version=1), sender="s")).raw_rollouts is None
+
+
+def test_a_bad_rollout_among_good_ones_fails_the_message_as_a_whole_body_decode_does():
+    good = _body(m.Rollout(**_rollout()))
+    bad = good | {"versions": {"dtype": "<i4", "shape": [2], "data": np.array([5, 4], "<i4").tobytes()}}
+    data = msgspec.msgpack.encode(dict(kind="submit_rollouts", schema=m.SCHEMA_VERSION, sender="s", msg_id="1",
+                                       body={"rollouts": [good, good, bad]}))
+    with pytest.raises(WireDecodeError) as raised:
+        wire.decode(data)
+    assert "$.body.rollouts[2]" in str(raised.value) and "never decrease" in str(raised.value)
+
+
 def test_envelope_errors_are_specific():
     body = _body(m.Rollout(**_rollout()))
     with pytest.raises(WireDecodeError, match="schema version 99"):
