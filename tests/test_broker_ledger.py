@@ -6,11 +6,15 @@ Every test here restarts a broker from the same journal file the way the daemon 
 
 from __future__ import annotations
 
+import os
 import struct
+import threading
 
 import msgspec
+import pytest
 from test_broker_helpers import FakeClock, Harness, balanced, bodies, group, make_rollout
 
+from tether.broker import journal as journal_module
 from tether.broker.journal import PUT, Journal
 from tether.broker.ledger import Ledger
 from tether.broker.server import build_state
@@ -178,3 +182,45 @@ def test_refused_and_duplicate_rollouts_are_not_journaled_and_the_rest_keep_thei
     assert put_payloads(h.journal_path) == [sent[1], sent[3]]
     h.restart()
     assert list(h.state.ledger.buffer.rollouts()) == [first, second] and balanced(h.state)
+
+
+# ----------------------------------------------------------------------------- fsync policy "interval"
+
+
+def test_interval_fsync_runs_in_the_background_one_at_a_time_and_close_waits_for_it(tmp_path, monkeypatch):
+    release, calls = threading.Event(), []
+
+    def slow_fsync(fd):  # a disk that takes its time
+        calls.append(fd)
+        assert release.wait(10)
+
+    monkeypatch.setattr(journal_module.os, "fsync", slow_fsync)
+    clock = FakeClock()
+    journal = Journal(tmp_path / "j.bin", fsync="interval", fsync_interval_s=1.0, clock=clock)
+    journal.put([make_rollout("a", "ga")])
+    journal.maybe_sync()
+    assert calls == []  # not due yet
+    clock.advance(1.0)
+    journal.maybe_sync()  # returns at once although the fsync has not finished
+    journal.put([make_rollout("b", "gb")])  # acks go on: written, not yet synced
+    clock.advance(5.0)
+    journal.maybe_sync()
+    assert len(calls) == 1  # still running: no second fsync at the same time
+    release.set()
+    journal.close()  # waits for the running fsync, then syncs what was written after it started
+    assert len(calls) == 2
+    assert [r.rollout_id for kind, r in Journal(tmp_path / "j.bin").replay()] == ["a", "b"]
+
+    def failing_fsync(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(journal_module.os, "fsync", failing_fsync)
+    journal = Journal(tmp_path / "k.bin", fsync="interval", fsync_interval_s=1.0, clock=clock)
+    journal.put([make_rollout("c", "gc")])
+    clock.advance(1.0)
+    journal.maybe_sync()
+    journal._syncer.join()
+    with pytest.raises(OSError, match="Input/output"):
+        journal.maybe_sync()  # the loop learns of it, as when the fsync ran inline
+    monkeypatch.setattr(journal_module.os, "fsync", os.fsync)
+    journal.close()
