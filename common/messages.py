@@ -73,7 +73,11 @@ def _check_list(name: str, values: list) -> None:
         raise ValueError(f"{name} has {len(values)} items, at most {MAX_LIST_ITEMS} allowed")
 
 
-class Array(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+# gc=False on the rollout records (Array, SamplingSpec, Rollout): they are immutable and hold only
+# strings, numbers, bytes and each other, so they can never be part of a reference cycle, and the
+# collector need not track them. Tracked, they made the broker (which holds thousands in its buffer)
+# run a collection every ~120 rollouts, 7-9% of its CPU.
+class Array(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
     """An n-dimensional numeric array as raw little-endian bytes with dtype and shape.
 
     Rules: dtype is one of "<i4", "<i8", "<f4", "<f8", "|u1", "|b1"; at most 4 dimensions, none
@@ -134,7 +138,7 @@ def _check_vector(name: str, array: Array, dtype: str) -> int:
 # ------------------------------------------------------------------------------------ rollouts
 
 
-class SamplingSpec(Record):
+class SamplingSpec(Record, gc=False):
     """The sampling parameters a completion was generated with; the learner replays them.
 
     Rules: temperature finite and > 0; top_k >= 0; top_p in (0, 1]; max_tokens >= 1.
@@ -163,7 +167,7 @@ class SamplingSpec(Record):
             raise ValueError("max_tokens must be >= 1")
 
 
-class Rollout(Record):
+class Rollout(Record, gc=False):
     """One completion of one prompt, with everything the learner needs to train on it.
 
     `logprobs[i]` is the processed logprob (after temperature, top-k, top-p) of

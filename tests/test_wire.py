@@ -233,6 +233,14 @@ def test_a_bad_rollout_among_good_ones_fails_the_message_as_a_whole_body_decode_
     assert "$.body.rollouts[2]" in str(raised.value) and "never decrease" in str(raised.value)
 
 
+def test_rollout_records_are_not_tracked_by_the_garbage_collector():
+    """They cannot form cycles (immutable, hold no containers of their own kind): see messages.py."""
+    import gc
+
+    rollout = wire.decode(wire.encode(m.SubmitRollouts(rollouts=[m.Rollout(**_rollout())]), sender="s")).body.rollouts[0]
+    assert not any(gc.is_tracked(x) for x in (rollout, rollout.sampling, rollout.logprobs, rollout.versions))
+
+
 def test_envelope_errors_are_specific():
     body = _body(m.Rollout(**_rollout()))
     with pytest.raises(WireDecodeError, match="schema version 99"):
