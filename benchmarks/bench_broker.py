@@ -1,24 +1,29 @@
 """Broker benchmark: rollouts/s and ack latency of a real broker daemon under 64 actors, journal on and off.
 
     python -m benchmarks.bench_broker [--quick] [--actors 64] [--procs 4] [--seconds 10] [--tokens 1000]
-                                      [--group-size 8] [--window 2] [--rate 20000] [--profile DIR]
+                                      [--group-size 8] [--window 2] [--rate 20000] [--modes saturate,half,goal]
+                                      [--journal on,off] [--profile DIR]
 
 A broker daemon (`python -m tether.broker`) runs as a subprocess on 127.0.0.1. The load comes
 from `--procs` client processes (benchmarks/broker_load.py) that drive the actors over raw
 ZeroMQ DEALER sockets with SubmitRollouts messages encoded before the clock starts, one whole group
 of `--group-size` rollouts per message as actor daemons send them; a learner process leases
-batches and commits each one, so the buffer never fills. Four configurations run one after the
-other, each on a fresh broker with a fresh run directory:
+batches and commits each one, so the buffer never fills. Each configuration runs on a fresh broker
+with a fresh run directory:
 
   saturate   every actor keeps `--window` messages in flight: the most the broker sustains. Ack
              latency here is queueing (Little's law: in flight / throughput), not service time.
-  paced      the clients offer `--rate` rollouts/s in total (the issue's goal), window as a cap:
-             the latency an actor sees at that load, and whether the broker keeps up with it.
+  goal       the clients offer `--rate` rollouts/s in total (the issue's goal, 20k/s), window as a
+             cap: whether the broker keeps up, and the latency an actor sees at that load.
+  half       the clients offer half of what saturate reached: latency with headroom.
 
 each with the journal on (the default, fsync every second) and off (`broker.journal_path=''`).
+Last, `benchmarks.broker_inproc` feeds the same messages to the broker's state machine in this
+process: its CPU per rollout is the broker's own cost, whatever the load generator takes.
 Latency is send to Ack of one message, measured in the client. CPU is per process over the
-measurement window (100% = one core): broker, clients, learner, and the whole machine (other work
-on a shared machine shows up as the difference). A codec micro-benchmark (SubmitRollouts encode,
+measurement window (100% = one core): broker (all its threads; "loop" is the Python thread that
+runs the server loop, the rest is ZeroMQ's I/O thread and the journal's fsync), clients, learner,
+and the whole machine (other work on a shared machine shows up as the difference). A codec micro-benchmark (SubmitRollouts encode,
 decode with validation) runs first. Prints a table; writes benchmarks/results/bench_broker-<time>.json.
 `--profile DIR` samples the broker with py-spy (pip install py-spy) during each window and writes
 collapsed stacks to DIR.
@@ -40,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks import broker_inproc
 from benchmarks.broker_load import (
     LoadSpec,
     actor_process,
@@ -48,6 +54,7 @@ from benchmarks.broker_load import (
     wait_for_broker,
 )
 from tether.common import wire
+from tether.common.logging import configure_logging
 from tether.common.messages import SubmitRollouts
 from tether.common.net import free_port
 
@@ -79,9 +86,11 @@ def bench_wire(tokens: int, group_size: int, seconds: float = 1.0) -> dict:
             "decode_mb_per_s": dec * len(data) / 1e6}
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process, all threads (the broker's ZeroMQ I/O thread included)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+def _cpu_seconds(pid: int, tid: int | None = None) -> float:
+    """User + system CPU of a process, all threads (the broker's ZeroMQ I/O thread included), or
+    of its thread `tid` alone."""
+    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
+    fields = Path(path).read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -111,9 +120,9 @@ def _broker_command(args, port: int, run_dir: Path, journal: bool, batch: int) -
     ]
 
 
-def run_config(args, *, journal: bool, rate: float) -> dict:
-    """One fresh broker under one load; returns the table row."""
-    label = f"journal {'on' if journal else 'off'}, {'paced' if rate else 'saturate'}"
+def run_config(args, *, journal: bool, rate: float, mode: str) -> dict:
+    """One fresh broker under one load (`rate` rollouts/s offered; 0: saturate); returns the row."""
+    label = f"journal {'on' if journal else 'off'}, " + (f"{mode} {rate:.0f}/s" if rate else mode)
     print(f"[bench_broker] {label}: {args.actors} actors, {args.seconds:.0f} s", flush=True)
     batch = max(args.group_size, (args.batch // args.group_size) * args.group_size)
     port = free_port()
@@ -148,10 +157,12 @@ def run_config(args, *, journal: bool, rate: float) -> dict:
             go.put((t0, t_end))
         time.sleep(max(0.0, t0 - time.monotonic()))
         broker_cpu0, (busy0, total0) = _cpu_seconds(broker.pid), _machine_busy()
+        main_cpu0 = _cpu_seconds(broker.pid, broker.pid)  # the Python thread that runs the loop
         if args.profile:
             profiler = _start_profiler(args.profile, broker.pid, label, args.seconds)
         time.sleep(max(0.0, t_end - time.monotonic()))
         broker_cpu, (busy1, total1) = _cpu_seconds(broker.pid) - broker_cpu0, _machine_busy()
+        main_cpu = _cpu_seconds(broker.pid, broker.pid) - main_cpu0
         results = [out.get(timeout=60) for _ in shards]
         stop.set()
         results.append(out.get(timeout=30))
@@ -181,7 +192,7 @@ def run_config(args, *, journal: bool, rate: float) -> dict:
     acked = sum(r["acked"] for r in actors)
     cores = os.cpu_count() or 1
     row = {
-        "label": label, "journal": journal, "mode": "paced" if rate else "saturate", "offered_rollouts_per_s": rate,
+        "label": label, "journal": journal, "mode": mode, "offered_rollouts_per_s": rate,
         "window": args.window, "rollouts_per_s": acked / args.seconds, "messages_acked": len(lat),
         "leased_per_s": learner["leased"] / args.seconds,
         "mb_per_s": acked / args.seconds * _rollout_bytes(args) / 1e6,
@@ -189,10 +200,12 @@ def run_config(args, *, journal: bool, rate: float) -> dict:
         "ack_p99_ms": float(np.percentile(lat, 99)) if len(lat) else None,
         "ack_max_ms": float(lat.max()) if len(lat) else None,
         "broker_cpu_pct": 100 * broker_cpu / args.seconds,
+        "broker_loop_cpu_pct": 100 * main_cpu / args.seconds,
         "clients_cpu_pct": 100 * sum(r["cpu_s"] for r in actors) / args.seconds,
         "learner_cpu_pct": 100 * learner["cpu_s"] / args.seconds,
         "machine_cpu_pct": 100 * cores * (busy1 - busy0) / max(total1 - total0, 1e-9),
         "broker_cpu_us_per_rollout": 1e6 * broker_cpu / acked if acked else None,
+        "broker_loop_cpu_us_per_rollout": 1e6 * main_cpu / acked if acked else None,
         "retry": sum(r["retry"] for r in actors), "invalid": sum(r["invalid"] for r in actors),
         "errors": sum(r["errors"] for r in actors), "window_full": sum(r["window_full"] for r in actors),
         "first_error": next((r["first_error"] for r in [*actors, learner] if r["first_error"]), ""),
@@ -220,14 +233,14 @@ def _fmt(value, spec: str) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    head = (f"{'configuration':26} {'rollouts/s':>10} {'MB/s':>6} {'p50 ms':>7} {'p99 ms':>7} {'broker':>7} "
-            f"{'clients':>8} {'learner':>8} {'machine':>8} {'us/rollout':>10}")
+    head = (f"{'configuration':24} {'rollouts/s':>10} {'MB/s':>5} {'p50 ms':>7} {'p99 ms':>7} {'broker':>7} "
+            f"{'(loop)':>7} {'clients':>7} {'learner':>7} {'machine':>7} {'us/rollout':>10}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
-            f"{r['label']:26} {r['rollouts_per_s']:>10.0f} {r['mb_per_s']:>6.0f} {_fmt(r['ack_p50_ms'], '.1f'):>7} "
-            f"{_fmt(r['ack_p99_ms'], '.1f'):>7} {r['broker_cpu_pct']:>6.0f}% {r['clients_cpu_pct']:>7.0f}% "
-            f"{r['learner_cpu_pct']:>7.0f}% {r['machine_cpu_pct']:>7.0f}% "
+            f"{r['label']:24} {r['rollouts_per_s']:>10.0f} {r['mb_per_s']:>5.0f} {_fmt(r['ack_p50_ms'], '.1f'):>7} "
+            f"{_fmt(r['ack_p99_ms'], '.1f'):>7} {r['broker_cpu_pct']:>6.0f}% {r['broker_loop_cpu_pct']:>6.0f}% "
+            f"{r['clients_cpu_pct']:>6.0f}% {r['learner_cpu_pct']:>6.0f}% {r['machine_cpu_pct']:>6.0f}% "
             f"{_fmt(r['broker_cpu_us_per_rollout'], '.0f'):>10}")
     return "\n".join(lines)
 
@@ -246,32 +259,53 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=GOAL_ROLLOUTS_PER_S, help="offered rollouts/s when paced")
     parser.add_argument("--batch", type=int, default=1024, help="rollouts per learner batch")
     parser.add_argument("--learner-ranks", type=int, default=2, help="learner ranks asking for batches at once")
-    parser.add_argument("--modes", default="saturate,paced", help="comma-separated: saturate, paced")
+    parser.add_argument("--modes", default="saturate,half,goal", help="comma-separated: saturate, half, goal")
+    parser.add_argument("--inproc-rollouts", type=int, default=20_000, help="0 skips the in-process measure")
     parser.add_argument("--journal", default="on,off", help="comma-separated: on, off")
     parser.add_argument("--profile", default="", help="directory for py-spy profiles of the broker")
     args = parser.parse_args(argv)
     if args.quick:
         args.seconds, args.warmup = min(args.seconds, 3.0), min(args.warmup, 1.0)
+        args.inproc_rollouts = min(args.inproc_rollouts, 5_000)
 
     wire_stats = bench_wire(args.tokens, args.group_size, 0.5 if args.quick else 1.0)
     rows = []
-    for mode in args.modes.split(","):
+    modes = args.modes.split(",")
+    for journal in args.journal.split(","):
+        saturated = None
+        for mode in modes:
+            if mode == "half" and saturated is None:
+                continue  # half of what saturate reached: needs a saturate run before it
+            rate = {"saturate": 0.0, "goal": args.rate, "half": (saturated or 0.0) / 2}[mode]
+            rows.append(run_config(args, journal=journal == "on", rate=rate, mode=mode))
+            if mode == "saturate":
+                saturated = rows[-1]["rollouts_per_s"]
+    inproc = []
+    if args.inproc_rollouts:
+        configure_logging(component="broker", level="warning")  # as the daemon above runs
         for journal in args.journal.split(","):
-            rows.append(run_config(args, journal=journal == "on", rate=args.rate if mode == "paced" else 0.0))
+            print(f"[bench_broker] in process, journal {journal}: {args.inproc_rollouts} rollouts", flush=True)
+            inproc.append(broker_inproc.run(rollouts=args.inproc_rollouts, actors=args.actors,
+                                            group_size=args.group_size, tokens=args.tokens, journal=journal == "on",
+                                            vocab_size=VOCAB_SIZE))
     head = next((r for r in rows if r["journal"] and r["mode"] == "saturate"), rows[0])
     result = {
         # The headline (journal on, saturated) at the top level, where benchmarks/run_all.py reads it.
         "actors": args.actors, "tokens": args.tokens, "rollouts_per_s": head["rollouts_per_s"],
         "ack_p50_ms": head["ack_p50_ms"], "ack_p99_ms": head["ack_p99_ms"],
         "goal": {"rollouts_per_s": GOAL_ROLLOUTS_PER_S, "p99_ms": GOAL_P99_MS, "journal": True},
-        "config": {k: v for k, v in vars(args).items() if k != "profile"}, "rows": rows, "wire": wire_stats,
+        "config": {k: v for k, v in vars(args).items() if k != "profile"}, "rows": rows, "inproc": inproc,
+        "wire": wire_stats,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "machine": platform.machine()},
     }
     print()
     print(f"{args.actors} actors in {args.procs} client processes, {args.group_size} rollouts of {args.tokens} "
-          f"tokens per message, window {args.window} messages/actor, paced offer {args.rate:.0f} rollouts/s, "
-          f"{args.seconds:.0f} s each; CPU 100% = one core of {os.cpu_count()}")
+          f"tokens per message, window {args.window} messages/actor, {args.seconds:.0f} s each; "
+          f"CPU 100% = one core of {os.cpu_count()}")
     print(format_table(rows))
+    for r in inproc:
+        print(f"broker alone (in process, no sockets), journal {'on ' if r['journal'] else 'off'}: "
+              f"{r['cpu_us_per_rollout']:.0f} us CPU per rollout = {r['rollouts_per_cpu_s']:.0f} rollouts per CPU-second")
     print(f"codec: {wire_stats['message_bytes']} B message, encode {wire_stats['encode_msgs_per_s']:.0f} msg/s, "
           f"decode+validate {wire_stats['decode_msgs_per_s']:.0f} msg/s "
           f"({wire_stats['decode_rollouts_per_s']:.0f} rollouts/s, {wire_stats['decode_mb_per_s']:.0f} MB/s)")
