@@ -135,6 +135,17 @@ def _check_vector(name: str, array: Array, dtype: str) -> int:
     return array.shape[0]
 
 
+def _never_decreasing_from_zero(data: bytes, n: int) -> bool:
+    """Whether the n "<i4" values in `data` are >= 0 and never decrease."""
+    first = data[:4]
+    if int.from_bytes(first, "little", signed=True) < 0:
+        return False
+    if data == first * n:  # one version for the whole completion, the common case: no numpy
+        return True
+    versions = np.frombuffer(data, dtype="<i4")
+    return not (versions[1:] < versions[:-1]).any()
+
+
 # ------------------------------------------------------------------------------------ rollouts
 
 
@@ -230,8 +241,7 @@ class Rollout(Record, gc=False):
             logprobs = self.logprobs.numpy()
             if not (-math.inf < logprobs.min() and logprobs.max() <= 1e-4):
                 raise ValueError("logprobs must be finite and <= 0")
-            versions = self.versions.numpy()
-            if versions[0] < 0 or (n > 1 and (versions[1:] < versions[:-1]).any()):
+            if not _never_decreasing_from_zero(self.versions.data, n):
                 raise ValueError("versions must be >= 0 and never decrease within a sequence")
 
     @property

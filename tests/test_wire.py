@@ -195,7 +195,7 @@ def test_the_logprob_rule_accepts_exactly_finite_values_up_to_1e_4(logprobs):
             m.Rollout(**_rollout(**change))
 
 
-@pytest.mark.parametrize("versions", [[0], [3, 3, 4], [4, 3], [-1], [0, -1], [5, -2**31], [0, 2**31 - 1, -1],
+@pytest.mark.parametrize("versions", [[0], [3, 3, 4], [4, 3], [-1], [0, -1], [-3, -3, -3], [5, -2**31], [0, 2**31 - 1, -1],
                                       [2**31 - 1, 2**31 - 1], [1, 2, 1, 2]])
 def test_versions_must_be_non_negative_and_never_decrease(versions):
     allowed = versions[0] >= 0 and all(b >= a for a, b in zip(versions, versions[1:], strict=False))
