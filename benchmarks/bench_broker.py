@@ -283,11 +283,12 @@ def main(argv: list[str] | None = None) -> int:
     inproc = []
     if args.inproc_rollouts:
         configure_logging(component="broker", level="warning")  # as the daemon above runs
-        for journal in args.journal.split(","):
-            print(f"[bench_broker] in process, journal {journal}: {args.inproc_rollouts} rollouts", flush=True)
+        for journal, parked in [(j, False) for j in args.journal.split(",")] + [("on", True)]:
+            print(f"[bench_broker] in process, journal {journal}{', parked requests' if parked else ''}: "
+                  f"{args.inproc_rollouts} rollouts", flush=True)
             inproc.append(broker_inproc.run(rollouts=args.inproc_rollouts, actors=args.actors,
                                             group_size=args.group_size, tokens=args.tokens, journal=journal == "on",
-                                            vocab_size=VOCAB_SIZE))
+                                            vocab_size=VOCAB_SIZE, parked=parked))
     head = next((r for r in rows if r["journal"] and r["mode"] == "saturate"), rows[0])
     result = {
         # The headline (journal on, saturated) at the top level, where benchmarks/run_all.py reads it.
@@ -304,8 +305,10 @@ def main(argv: list[str] | None = None) -> int:
           f"CPU 100% = one core of {os.cpu_count()}")
     print(format_table(rows))
     for r in inproc:
-        print(f"broker alone (in process, no sockets), journal {'on ' if r['journal'] else 'off'}: "
-              f"{r['cpu_us_per_rollout']:.0f} us CPU per rollout = {r['rollouts_per_cpu_s']:.0f} rollouts per CPU-second")
+        what = f"journal {'on ' if r['journal'] else 'off'}" + (", every actor's GenerationRequest parked"
+                                                              if r["parked_requests"] else "")
+        print(f"broker alone (in process, no sockets), {what}: {r['cpu_us_per_rollout']:.0f} us CPU per rollout "
+              f"= {r['rollouts_per_cpu_s']:.0f} rollouts per CPU-second")
     print(f"codec: {wire_stats['message_bytes']} B message, encode {wire_stats['encode_msgs_per_s']:.0f} msg/s, "
           f"decode+validate {wire_stats['decode_msgs_per_s']:.0f} msg/s "
           f"({wire_stats['decode_rollouts_per_s']:.0f} rollouts/s, {wire_stats['decode_mb_per_s']:.0f} MB/s)")

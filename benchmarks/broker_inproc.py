@@ -7,7 +7,7 @@ thread CPU time per rollout is the Python cost of the broker alone: it does not 
 cores the load generator takes on a shared machine, which makes it the number to compare before
 and after a change. `--profile FILE` writes a cProfile of the run.
 
-    python -m benchmarks.broker_inproc [--rollouts 20000] [--repeat 3] [--journal on,off] [--profile FILE]
+    python -m benchmarks.broker_inproc [--rollouts 20000] [--repeat 3] [--journal on,off] [--parked] [--profile FILE]
 """
 
 from __future__ import annotations
@@ -24,12 +24,15 @@ from tether.broker.state import RunPolicy
 from tether.common import wire
 from tether.common.config.broker import BrokerConfig
 from tether.common.logging import configure_logging
-from tether.common.messages import BatchRequest, Commit, Hello
+from tether.common.messages import BatchRequest, Commit, GenerationRequest, Hello
 
 
-def run(*, rollouts: int = 40_000, actors: int = 64, group_size: int = 8, tokens: int = 1000, batch: int = 512,
-        journal: bool = True, vocab_size: int = 32000, profile: str = "") -> dict:
-    """Feed `rollouts` rollouts through one BrokerState; returns CPU and wall seconds per rollout."""
+def run(*, rollouts: int = 20_000, actors: int = 64, group_size: int = 8, tokens: int = 1000, batch: int = 512,
+        journal: bool = True, vocab_size: int = 32000, parked: bool = False, profile: str = "") -> dict:
+    """Feed `rollouts` rollouts through one BrokerState; returns CPU and wall seconds per rollout.
+
+    `parked`: every actor also keeps a GenerationRequest parked, as actor daemons do while they
+    wait for room (the broker then looks at admission after every message)."""
     with tempfile.TemporaryDirectory(prefix="bench-broker-inproc-") as tmp:
         cfg = BrokerConfig(host_store=False, buffer_capacity=actors * group_size * 4 + 16 * batch,
                            journal_path=str(Path(tmp) / "journal.bin") if journal else "", peer_timeout_s=3600.0)
@@ -42,6 +45,8 @@ def run(*, rollouts: int = 40_000, actors: int = 64, group_size: int = 8, tokens
         for actor_id in ids:
             state.handle(actor_id.encode(), wire.encode(Hello(peer_id=actor_id, role="actor", incarnation="x"),
                                                         sender=actor_id))
+            if parked:
+                state.handle(actor_id.encode(), wire.encode(GenerationRequest(seq=1, groups=1 << 16), sender=actor_id))
         learner = b"learner-0"
         state.handle(learner, wire.encode(Hello(peer_id="learner-0", role="learner", incarnation="x", session="s1"),
                                           sender="learner-0"))
@@ -87,7 +92,7 @@ def run(*, rollouts: int = 40_000, actors: int = 64, group_size: int = 8, tokens
         stored = state.ledger.stored_total
         if stored != messages * group_size:
             raise RuntimeError(f"stored {stored} of {messages * group_size} rollouts: {state.counters}")
-    return {"journal": journal, "rollouts": stored, "leased": leased, "cpu_us_per_rollout": 1e6 * cpu / stored,
+    return {"journal": journal, "parked_requests": parked, "rollouts": stored, "leased": leased, "cpu_us_per_rollout": 1e6 * cpu / stored,
             "wall_us_per_rollout": 1e6 * wall / stored, "rollouts_per_cpu_s": stored / cpu}
 
 
@@ -96,11 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rollouts", type=int, default=20_000)
     parser.add_argument("--journal", default="on,off")
     parser.add_argument("--repeat", type=int, default=3, help="runs per setting; the table shows the fastest")
+    parser.add_argument("--parked", action="store_true", help="every actor keeps a GenerationRequest parked")
     parser.add_argument("--profile", default="", help="cProfile output file (journal on only)")
     args = parser.parse_args(argv)
     configure_logging(component="broker", level="warning")  # as the benchmark's daemon runs
     for journal in args.journal.split(","):
-        runs = [run(rollouts=args.rollouts, journal=journal == "on", profile=args.profile if journal == "on" else "")
+        runs = [run(rollouts=args.rollouts, journal=journal == "on", parked=args.parked,
+                    profile=args.profile if journal == "on" else "")
                 for _ in range(args.repeat)]
         # The fastest run is the least disturbed by other work on a shared machine.
         cpu = sorted(r["cpu_us_per_rollout"] for r in runs)
