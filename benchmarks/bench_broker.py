@@ -117,6 +117,7 @@ def _broker_command(args, port: int, run_dir: Path, journal: bool, batch: int) -
         f"actor.sampling.group_size={args.group_size}", f"actor.sampling.max_tokens={args.tokens}",
         f"actor.engine.max_model_len={args.tokens + 1024}", f"learner.rollouts_per_step={batch}",
         *([] if journal else ["broker.journal_path=''"]),  # quoted: a bare empty value reads as null
+        *args.set,
     ]
 
 
@@ -263,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inproc-rollouts", type=int, default=20_000, help="0 skips the in-process measure")
     parser.add_argument("--journal", default="on,off", help="comma-separated: on, off")
     parser.add_argument("--profile", default="", help="directory for py-spy profiles of the broker")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra config override for the broker daemon, e.g. broker.journal_fsync=never")
     args = parser.parse_args(argv)
     if args.quick:
         args.seconds, args.warmup = min(args.seconds, 3.0), min(args.warmup, 1.0)
