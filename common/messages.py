@@ -96,9 +96,11 @@ class Array(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
             raise ValueError(f"array dtype {self.dtype!r} is not one of {sorted(ALLOWED_ARRAY_DTYPES)}")
         if len(self.shape) > MAX_ARRAY_DIMS:
             raise ValueError(f"array has {len(self.shape)} dimensions, at most {MAX_ARRAY_DIMS} allowed")
-        if min(self.shape, default=0) < 0:
-            raise ValueError(f"array shape {self.shape} has a negative dimension")
-        expected = math.prod(self.shape) * _NUMPY_DTYPES[self.dtype].itemsize
+        expected = _NUMPY_DTYPES[self.dtype].itemsize
+        for dim in self.shape:  # a plain loop: min()/math.prod() calls cost more for 1-4 dimensions
+            if dim < 0:
+                raise ValueError(f"array shape {self.shape} has a negative dimension")
+            expected *= dim
         if expected > MAX_ARRAY_BYTES:
             raise ValueError(f"array of shape {self.shape} exceeds {MAX_ARRAY_BYTES} bytes")
         if expected != len(self.data):

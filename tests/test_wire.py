@@ -233,6 +233,19 @@ def test_a_bad_rollout_among_good_ones_fails_the_message_as_a_whole_body_decode_
     assert "$.body.rollouts[2]" in str(raised.value) and "never decrease" in str(raised.value)
 
 
+@pytest.mark.parametrize(("shape", "nbytes", "error"), [
+    ((), 4, None), ((0,), 0, None), ((2, 3), 24, None), ((3, -1), 0, "negative dimension"),
+    ((-2, -3), 24, "negative dimension"), ((2, 2, 2, 2, 2), 128, "dimensions"), ((2, 3), 20, "needs 24"),
+    ((1 << 20, 1 << 20), 0, "exceeds"),
+])
+def test_array_shapes_are_checked_against_the_data(shape, nbytes, error):
+    if error is None:
+        assert m.Array(dtype="<f4", shape=shape, data=b"\0" * nbytes).numpy().shape == shape
+    else:
+        with pytest.raises(ValueError, match=error):
+            m.Array(dtype="<f4", shape=shape, data=b"\0" * nbytes)
+
+
 def test_rollout_records_are_not_tracked_by_the_garbage_collector():
     """They cannot form cycles (immutable, hold no containers of their own kind): see messages.py."""
     import gc
