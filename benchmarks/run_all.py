@@ -209,6 +209,11 @@ def table_rows(results: dict) -> list[tuple[str, str, str, str]]:
                          f"{b['actors']} actors, {b['tokens']} tokens; ack p50 {_fmt(r['ack_p50_ms'], '.1f')} ms, "
                          f"p99 {_fmt(r['ack_p99_ms'], '.1f')} ms; broker CPU {r['broker_cpu_pct']:.0f}%, "
                          f"{_fmt(r['broker_cpu_us_per_rollout'], '.0f')} us/rollout"))
+        for r in b.get("inproc", []):
+            parked = ", requests parked" if r.get("parked_requests") else ""
+            rows.append(("broker", f"alone, us CPU/rollout, journal {'on' if r['journal'] else 'off'}{parked}",
+                         _fmt(r["cpu_us_per_rollout"], ".0f"),
+                         f"in process, no sockets: {r['rollouts_per_cpu_s']:.0f} rollouts per CPU-second"))
     else:
         rows.append(("broker", "rollouts/s", "failed" if "error" in broker else "skipped", broker.get("error", "")[:80]))
     learner = results.get("learner", {})
