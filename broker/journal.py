@@ -24,8 +24,8 @@ handed to the OS with write(), so killing the broker process never loses an acke
 the OS has put it on disk depends on the policy: "always" fsyncs before every ack, "interval" at most
 every `journal_fsync_interval_s`, "never" leaves it to the OS (a machine crash may lose the tail).
 Under "interval" the fsync runs in a background thread: it covers everything written before it
-started, and the broker goes on serving meanwhile instead of stalling for as long as the disk takes
-to absorb a second of rollouts (the main cause of slow acks with the journal on).
+started, and the broker goes on serving meanwhile; inline, it stalled every ack for as long as the
+disk took to absorb a second of rollouts.
 """
 
 from __future__ import annotations

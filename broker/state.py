@@ -79,7 +79,8 @@ ACCEPTED_FROM: dict[type[Record], frozenset[str]] = {
 
 
 # Records whose handling changes nothing a publish nudge depends on (membership, the version
-# book, weight updates); the rollout traffic, so the nudge check need not scan every actor per message.
+# book, weight updates): the rollout traffic. After them the nudge check, a scan of every actor,
+# runs only while the previous check found someone behind.
 NUDGE_NEUTRAL: frozenset[type[Record]] = frozenset({SubmitRollouts, Heartbeat, BatchRequest, Commit,
                                                      GenerationRequest, StatusRequest})
 
@@ -429,6 +430,8 @@ class BrokerState:
             valid, stale = self._split_stale_on_arrival(valid)
         self._note_deliveries(peer.peer_id, valid + stale)
         if raw is not None and len(raw) == len(rollouts):
+            # `valid` is a subset of the same objects; keyed by object, not by rollout id, since one
+            # message may carry an id twice with different bytes (the second is a duplicate).
             raw_of = {id(rollout): data for rollout, data in zip(rollouts, raw, strict=True)}
             result = self.ledger.store(valid, [raw_of[id(rollout)] for rollout in valid])
         else:

@@ -237,8 +237,8 @@ class Rollout(Record, gc=False):
             if ids.size and int(ids.min()) < 0:
                 raise ValueError(f"{name} holds a negative token id")
         _check_finite("reward", self.reward)
-        # Two reductions per array instead of temporaries (the broker validates every rollout it
-        # receives): min/max propagate NaN, and NaN fails both comparisons, as do -inf and +inf.
+        # min and max instead of temporaries (the broker checks every rollout it receives): both
+        # propagate NaN, and NaN fails both comparisons, as do -inf and +inf.
         if n:
             logprobs = self.logprobs.numpy()
             if not (-math.inf < logprobs.min() and logprobs.max() <= 1e-4):
