@@ -178,11 +178,12 @@ def actor_process(spec: LoadSpec, actor_ids: list[str], seed: int, ready, go, ou
     next_send = time.monotonic()
     turn = 0
 
-    def send(i: int, now: float) -> None:
+    def send(i: int) -> None:
         nonlocal sent
         counter[i] += 1
-        socks[i].send((b"%012d" % counter[i]).join(parts[i]), copy=False)
-        inflight[i][counter[i]] = now
+        data = (b"%012d" % counter[i]).join(parts[i])
+        inflight[i][counter[i]] = time.monotonic()  # per message: a pass over every actor takes a while
+        socks[i].send(data, copy=False)
         sent += 1
 
     while True:
@@ -197,7 +198,7 @@ def actor_process(spec: LoadSpec, actor_ids: list[str], seed: int, ready, go, ou
         if sending and gap == 0.0:
             for i in range(n):
                 while len(inflight[i]) < spec.window:
-                    send(i, now)
+                    send(i)
         elif sending:
             if now - next_send > 0.05:  # fell behind (descheduled): do not burst to catch up
                 next_send = now
@@ -205,7 +206,7 @@ def actor_process(spec: LoadSpec, actor_ids: list[str], seed: int, ready, go, ou
                 for k in range(n):
                     i = (turn + k) % n
                     if len(inflight[i]) < spec.window:
-                        send(i, now)
+                        send(i)
                         turn = i + 1
                         break
                 else:
