@@ -8,7 +8,7 @@ Runs, each as its own process so that each keeps its own JSON in benchmarks/resu
                                                 at ~10M and ~100M parameters
   race     launch/run_local.sh twice (this file) in-flight against stop-the-world: wall-clock to a
                                                 reward target on the toy task, same seed (ratio)
-  broker   benchmarks.bench_broker              sustained rollouts/s and ack latency
+  broker   benchmarks.bench_broker              rollouts/s and ack latency, journal on and off
   learner  benchmarks.bench_learner             learner completion tokens/s
 and writes benchmarks/results/run_all-<time>.json with every row and every sub-benchmark's JSON.
 Timings on a shared machine are noisy: the ratios are measured side by side within one run.
@@ -204,9 +204,16 @@ def table_rows(results: dict) -> list[tuple[str, str, str, str]]:
     broker = results.get("broker", {})
     if broker.get("ok"):
         b = broker["json"]
-        rows.append(("broker", "sustained rollouts/s", _fmt(b["rollouts_per_s"], ".0f"),
-                     f"{b['actors']} actors, {b['tokens']} tokens each; ack p50 {b.get('ack_p50_ms', 0):.0f} ms, "
-                     f"p99 {b.get('ack_p99_ms', 0):.0f} ms"))
+        for r in b.get("rows", []):
+            rows.append(("broker", f"rollouts/s, {r['label']}", _fmt(r["rollouts_per_s"], ".0f"),
+                         f"{b['actors']} actors, {b['tokens']} tokens; ack p50 {_fmt(r['ack_p50_ms'], '.1f')} ms, "
+                         f"p99 {_fmt(r['ack_p99_ms'], '.1f')} ms; broker CPU {r['broker_cpu_pct']:.0f}%, "
+                         f"{_fmt(r['broker_cpu_us_per_rollout'], '.0f')} us/rollout"))
+        for r in b.get("inproc", []):
+            parked = ", requests parked" if r.get("parked_requests") else ""
+            rows.append(("broker", f"alone, us CPU/rollout, journal {'on' if r['journal'] else 'off'}{parked}",
+                         _fmt(r["cpu_us_per_rollout"], ".0f"),
+                         f"in process, no sockets: {r['rollouts_per_cpu_s']:.0f} rollouts per CPU-second"))
     else:
         rows.append(("broker", "rollouts/s", "failed" if "error" in broker else "skipped", broker.get("error", "")[:80]))
     learner = results.get("learner", {})
@@ -254,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] race: in-flight vs stop-the-world, {steps} steps, model {model}", flush=True)
         results["race"] = race(model, steps, args.reward_target, 3, 0, RESULTS / f"race-{stamp}", 900)
     if "broker" not in skip:
-        results["broker"] = run_module("bench_broker", ["--seconds", "3", "--actors", "16"] if q else [], 600)
+        results["broker"] = run_module("bench_broker", ["--quick"] if q else [], 600)
     if "learner" not in skip:
         results["learner"] = run_module("bench_learner", ["--steps", "3"] if q else [], 900)
     rows = table_rows(results)

@@ -88,12 +88,22 @@ class Admission:
         self._version_grants = (version, max(0, count - released))
 
     def serve(self, *, buffered: int, next_step: int, latest_version: int,
-              actor_version: Callable[[str], int | None]) -> list[Grant]:
-        """Grant what the rules allow to parked requests, taking turns between actors."""
+              actor_version: Callable[[str], int | None], max_version: int | None = None) -> list[Grant]:
+        """Grant what the rules allow to parked requests, taking turns between actors.
+
+        `max_version`: no actor holds a version above it (None: unknown). The broker serves after
+        every message; while the learner is behind, nobody can be granted anything, and this bound
+        says so without asking every parked actor for its version.
+        """
         policy = self.policy
         if self._version_grants[0] != latest_version:
             self._version_grants = (latest_version, 0)
+        if not self.parked:
+            return []
         outstanding = buffered + self.granted_groups * policy.group_size
+        if not self._may_admit(outstanding, next_step, latest_version, max_version):
+            self._turn %= len(self.parked)  # as the loop below does: the next turn starts where it would have
+            return []
         grants: list[Grant] = []
         order = sorted(self.parked)
         if order:
@@ -123,6 +133,18 @@ class Admission:
         if grants:
             self._turn += 1
         return grants
+
+    def _may_admit(self, outstanding: int, next_step: int, latest_version: int, max_version: int | None) -> bool:
+        """False only when `_admits` is false for every version up to `max_version` (any version
+        when the reason does not depend on it): versions only help, a newer one never hurts."""
+        policy = self.policy
+        if outstanding + policy.group_size > max(policy.capacity, policy.group_size):
+            return False
+        if policy.mode == "stop_the_world":
+            return self._version_grants[1] < policy.groups_per_step
+        if outstanding < policy.rollouts_per_step or max_version is None:
+            return True
+        return self._admits(outstanding, next_step, latest_version, max_version)
 
     def _admits(self, outstanding: int, next_step: int, latest_version: int, version: int) -> bool:
         policy = self.policy

@@ -8,11 +8,13 @@ journals every change.
 - Capacity: a rollout of a new group is refused while `depth >= capacity`; members of a group
   already present are admitted past capacity, so half-finished groups can never deadlock the
   buffer (the overshoot is at most one group per open group).
+- `oldest_version()` answers "could anything buffered be stale?" without a scan: the broker asks
+  it before every batch it serves, and a scan per message was most of its work under load.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -33,6 +35,8 @@ class RolloutBuffer:
         self._info: dict[str, GroupInfo] = {}
         self._complete: OrderedDict[str, None] = OrderedDict()
         self._index: dict[str, str] = {}  # rollout id -> group id
+        # Buffered rollouts by their oldest token's version (empty completions, -1, left out).
+        self._min_versions: Counter[int] = Counter()
 
     # ---- queries
 
@@ -47,6 +51,13 @@ class RolloutBuffer:
 
     def __contains__(self, rollout_id: str) -> bool:
         return rollout_id in self._index
+
+    def oldest_version(self) -> int | None:
+        """The oldest token version of any buffered rollout (None: none buffered holds a token).
+
+        Staleness only grows as versions age, so when this is not stale nothing buffered is.
+        """
+        return min(self._min_versions, default=None)
 
     def has_group(self, group_id: str) -> bool:
         return group_id in self._groups
@@ -64,8 +75,12 @@ class RolloutBuffer:
     def insert(self, rollout: Rollout, now: float) -> None:
         gid = rollout.group_id
         group = self._groups.setdefault(gid, {})
+        replaced = group.get(rollout.rollout_id)
+        if replaced is not None:
+            self._uncount(replaced)
         group[rollout.rollout_id] = rollout
         self._index[rollout.rollout_id] = gid
+        self._count(rollout)
         info = self._info.get(gid)
         if info is None:
             self._info[gid] = GroupInfo(rollout.actor_id, rollout.group_size, now)
@@ -89,8 +104,9 @@ class RolloutBuffer:
         group = self._groups.pop(group_id, {})
         self._info.pop(group_id, None)
         self._complete.pop(group_id, None)
-        for rid in group:
+        for rid, rollout in group.items():
             self._index.pop(rid, None)
+            self._uncount(rollout)
         return list(group.values())
 
     def remove(self, rollout_id: str) -> Rollout | None:
@@ -100,6 +116,7 @@ class RolloutBuffer:
             return None
         group = self._groups[gid]
         rollout = group.pop(rollout_id)
+        self._uncount(rollout)
         if not group:
             self.remove_group(gid)
         return rollout
@@ -122,6 +139,18 @@ class RolloutBuffer:
         if total < size:
             return None
         return [r for gid in chosen for r in self.remove_group(gid)]
+
+    def _count(self, rollout: Rollout) -> None:
+        version = rollout.min_version
+        if version >= 0:
+            self._min_versions[version] += 1
+
+    def _uncount(self, rollout: Rollout) -> None:
+        version = rollout.min_version
+        if version >= 0:
+            self._min_versions[version] -= 1
+            if not self._min_versions[version]:
+                del self._min_versions[version]
 
     # ---- selections (the ledger drops what these name)
 

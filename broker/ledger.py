@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+
+import msgspec
 
 from tether.broker.buffer import RolloutBuffer
 from tether.broker.journal import (
@@ -120,13 +122,17 @@ class Ledger:
 
     # ---- arrivals
 
-    def store(self, rollouts: list[Rollout]) -> StoreResult:
-        """Buffer what fits; journal it before returning, so the caller may ack `stored + duplicates`."""
+    def store(self, rollouts: list[Rollout], raw: Sequence[bytes | msgspec.Raw | None] | None = None) -> StoreResult:
+        """Buffer what fits; journal it before returning, so the caller may ack `stored + duplicates`.
+
+        `raw`: the msgpack encoding of each rollout as received (same order), journaled as is.
+        """
         result = StoreResult()
         new: list[Rollout] = []
+        new_raw: list[bytes | msgspec.Raw | None] = []
         now = self.clock()
         batch_ids: set[str] = set()
-        for rollout in rollouts:
+        for i, rollout in enumerate(rollouts):
             rid = rollout.rollout_id
             if self.known(rid) or rid in batch_ids:
                 result.duplicates.append(rid)
@@ -136,9 +142,10 @@ class Ledger:
                 self.buffer.insert(rollout, now)
                 batch_ids.add(rid)
                 new.append(rollout)
+                new_raw.append(raw[i] if raw is not None else None)
                 result.stored.append(rid)
         if self.journal is not None and new:
-            self.journal.put(new)
+            self.journal.put(new, new_raw)
         self.stored_total += len(new)
         return result
 

@@ -26,6 +26,8 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import msgspec
+
 from tether.broker.admission import Admission, AdmissionPolicy
 from tether.broker.journal import Meta
 from tether.broker.ledger import Ledger, lease_key
@@ -74,6 +76,13 @@ ACCEPTED_FROM: dict[type[Record], frozenset[str]] = {
     PublishRequest: frozenset({"learner"}),
     Commit: frozenset({"learner"}),
 }
+
+
+# Records whose handling changes nothing a publish nudge depends on (membership, the version
+# book, weight updates): the rollout traffic. After them the nudge check, a scan of every actor,
+# runs only while the previous check found someone behind.
+NUDGE_NEUTRAL: frozenset[type[Record]] = frozenset({SubmitRollouts, Heartbeat, BatchRequest, Commit,
+                                                     GenerationRequest, StatusRequest})
 
 
 @dataclass(frozen=True)
@@ -232,7 +241,7 @@ class BrokerState:
                 return self._error(identity, "forbidden", f"a {peer.role} may not send {message.kind!r}", msg_id)
             self.members.touch(peer, identity)
             self._dispatch(peer, message, out)
-        self._serve(out)
+        self._serve(out, nudge=type(body) not in NUDGE_NEUTRAL)
         return out
 
     def _dispatch(self, peer: Peer, message: wire.Message, out: list[Outgoing]) -> None:
@@ -240,7 +249,7 @@ class BrokerState:
         if isinstance(body, Heartbeat):
             return
         if isinstance(body, SubmitRollouts):
-            self._on_submit(peer, msg_id, body.rollouts, out)
+            self._on_submit(peer, msg_id, body.rollouts, out, message.raw_rollouts)
         elif isinstance(body, GenerationRequest):
             self.admission.request(peer.peer_id, peer.identity, msg_id, body)
         elif isinstance(body, BatchRequest):
@@ -324,16 +333,21 @@ class BrokerState:
     def _sender(self, out: list[Outgoing]) -> Callable[[Peer, Record, str | None], None]:
         return lambda peer, record, msg_id: out.append(Outgoing(peer.identity, record, msg_id))
 
-    def _serve(self, out: list[Outgoing]) -> None:
-        """After any change: serve parked batch requests, then generation requests, then nudge."""
+    def _serve(self, out: list[Outgoing], *, nudge: bool = True) -> None:
+        """After any change: serve parked batch requests, then generation requests, then nudge.
+
+        `nudge=False`: the message changed nothing the nudge depends on, so when the last check
+        found nothing to ask for, this one would not either (only the clock moved).
+        """
         self._serve_batches(out)
         learner_waiting = bool(self._parked)
         next_step = self.book.learner_version + (0 if learner_waiting else 1)
         for grant in self.admission.serve(buffered=self.ledger.depth, next_step=next_step,
                                           latest_version=self.book.latest_version,
-                                          actor_version=self.book.actor_version):
+                                          actor_version=self.book.actor_version, max_version=self.book.max_held):
             out.append(Outgoing(grant.identity, grant.record, grant.msg_id))
-        self.updates.maybe_nudge(self.members.learner(), self.members.actors(), self.book, self._sender(out))
+        if nudge or not self.updates.nudge_idle:
+            self.updates.maybe_nudge(self.members.learner(), self.members.actors(), self.book, self._sender(out))
 
     # ------------------------------------------------------------------ registration
 
@@ -389,7 +403,9 @@ class BrokerState:
 
     # ------------------------------------------------------------------ rollouts
 
-    def _on_submit(self, peer: Peer, msg_id: str, rollouts: list[Rollout], out: list[Outgoing]) -> None:
+    def _on_submit(self, peer: Peer, msg_id: str, rollouts: list[Rollout], out: list[Outgoing],
+                   raw: list[msgspec.Raw] | None = None) -> None:
+        """`raw`: each rollout's bytes as received (wire.Message.raw_rollouts), journaled as they are."""
         if self.book.actor_version(peer.peer_id) is None:
             self._count("rollouts_refused_not_ready", len(rollouts))
             out.append(Outgoing(peer.identity, Ack(
@@ -413,7 +429,13 @@ class BrokerState:
         if self.policy.mode == "stop_the_world":
             valid, stale = self._split_stale_on_arrival(valid)
         self._note_deliveries(peer.peer_id, valid + stale)
-        result = self.ledger.store(valid)
+        if raw is not None and len(raw) == len(rollouts):
+            # `valid` is a subset of the same objects; keyed by object, not by rollout id, since one
+            # message may carry an id twice with different bytes (the second is a duplicate).
+            raw_of = {id(rollout): data for rollout, data in zip(rollouts, raw, strict=True)}
+            result = self.ledger.store(valid, [raw_of[id(rollout)] for rollout in valid])
+        else:
+            result = self.ledger.store(valid)
         dropped = self.ledger.drop_on_arrival(stale, "stale on arrival (stop_the_world)")
         self._unreported_drops += len(dropped.stored)
         if result.stored:
@@ -482,10 +504,14 @@ class BrokerState:
             lease = self.ledger.leases.get(lease_key(parked.session, req.rank, req.seq))
             if lease is None:
                 # Staleness is judged when a batch is served: rollouts that arrived while the
-                # request waited may be too old by now.
-                dropped = self.ledger.drop_where(
-                    lambda r, v=req.learner_version, lag=req.max_lag: is_stale(r.min_version, v, lag),
-                    "older than max_lag when served")
+                # request waited may be too old by now. The scan runs only when the oldest
+                # buffered token is stale (a scan per message was the broker's main cost).
+                oldest = self.ledger.buffer.oldest_version()
+                dropped = 0
+                if oldest is not None and is_stale(oldest, req.learner_version, req.max_lag):
+                    dropped = self.ledger.drop_where(
+                        lambda r, v=req.learner_version, lag=req.max_lag: is_stale(r.min_version, v, lag),
+                        "older than max_lag when served")
                 if dropped:
                     self._unreported_drops += dropped
                     self.log.info("dropped stale rollouts", count=dropped, learner_version=req.learner_version,

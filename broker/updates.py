@@ -86,6 +86,10 @@ class WeightUpdates:
         self.bucket_bytes = 1
         self._last_nudge = float("-inf")
         self._nudge_reason = ""
+        self.nudge_idle = False
+        """The last `maybe_nudge` had nothing to ask for at any time (an update in flight, no
+        learner, or no actor behind): until membership, versions or updates change, neither has
+        the next one."""
 
     # ---- the learner asks
 
@@ -215,11 +219,13 @@ class WeightUpdates:
 
     def maybe_nudge(self, learner: Peer | None, actors: list[Peer], book: VersionBook, send: Send) -> None:
         """Ask the learner to publish when an actor lacks the latest version and nothing is running."""
+        self.nudge_idle = True
         if self.in_flight is not None or learner is None:
             return
         behind = [a.peer_id for a in actors if a.peer_id not in self.excluded and book.needs_update(a.peer_id)]
         if not behind:
             return
+        self.nudge_idle = False
         now = self.clock()
         if now - self._last_nudge < self.nudge_interval_s:
             return

@@ -28,6 +28,9 @@ class VersionBook:
     """The learner's own version (its BatchRequests; ahead of latest_version between publishes)."""
     held: dict[str, tuple[str, int]] = field(default_factory=dict)
     """Actor id -> (lineage session, version) of the weights it holds."""
+    max_held: int = -1
+    """At least every version in `held` (-1: none): a bound that lets admission skip a scan of
+    every actor when even this version could not be granted."""
 
     @property
     def session(self) -> str:
@@ -59,6 +62,7 @@ class VersionBook:
 
     def record(self, actor_id: str, session: str, version: int) -> None:
         self.held[actor_id] = (session, version)
+        self.max_held = max(self.max_held, version)
 
     def fork(self, session: str, version: int) -> int | None:
         """A new learner session starts at `version`. Returns the rewind threshold (versions above

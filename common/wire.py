@@ -7,6 +7,9 @@ Wire format (msgpack map, unknown fields refused):
 `kind` selects the body's record type from `tether.common.messages.BODY_TYPES`; `schema` must
 equal `SCHEMA_VERSION`. Decoding happens in two typed steps (envelope, then body by kind) so an
 unknown kind or a wrong schema is reported as such, never as a confusing body error.
+
+A SubmitRollouts body is decoded one rollout at a time, keeping each rollout's bytes as sent
+(`Message.raw_rollouts`): the broker journals those bytes instead of encoding every rollout again.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from dataclasses import dataclass
 import msgspec
 
 from tether.common.errors import WireDecodeError
-from tether.common.messages import BODY_TYPES, SCHEMA_VERSION, Record
+from tether.common.messages import BODY_TYPES, SCHEMA_VERSION, Record, Rollout, SubmitRollouts
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -38,6 +41,14 @@ class Message:
     sender: str
     msg_id: str
     body: Record
+    raw_rollouts: list[msgspec.Raw] | None = None
+    """SubmitRollouts: the msgpack bytes of each rollout as sent, in the order of body.rollouts."""
+
+
+class _RawSubmit(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """SubmitRollouts with its rollouts left undecoded (the same fields, checked the same way)."""
+
+    rollouts: list[msgspec.Raw]
 
 
 # msgspec reports most problems as DecodeError/ValidationError, but invalid UTF-8 in a string
@@ -48,6 +59,8 @@ _DECODE_FAILURES = (msgspec.MsgspecError, ValueError, TypeError, OverflowError, 
 _ENCODER = msgspec.msgpack.Encoder()
 _ENVELOPE_DECODER = msgspec.msgpack.Decoder(Envelope)
 _BODY_DECODERS = {kind: msgspec.msgpack.Decoder(cls) for kind, cls in BODY_TYPES.items()}
+_RAW_SUBMIT_DECODER = msgspec.msgpack.Decoder(_RawSubmit)
+_ROLLOUT_DECODER = msgspec.msgpack.Decoder(Rollout)
 
 
 def new_msg_id() -> str:
@@ -89,11 +102,27 @@ def decode_envelope(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) 
 def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Message:
     """Decode and validate one message. Raises only `WireDecodeError`, whatever the bytes."""
     envelope = decode_envelope(data, max_bytes=max_bytes)
+    if envelope.kind == SubmitRollouts.KIND:
+        decoded = _decode_submit_raw(envelope.body)
+        if decoded is not None:
+            return Message(kind=envelope.kind, sender=envelope.sender, msg_id=envelope.msg_id, body=decoded[0],
+                           raw_rollouts=decoded[1])
     try:
         body = _BODY_DECODERS[envelope.kind].decode(envelope.body)
     except _DECODE_FAILURES as exc:
         raise WireDecodeError(f"{envelope.kind} body: {_with_root(str(exc))}") from None
     return Message(kind=envelope.kind, sender=envelope.sender, msg_id=envelope.msg_id, body=body)
+
+
+def _decode_submit_raw(body: msgspec.Raw) -> tuple[SubmitRollouts, list[msgspec.Raw]] | None:
+    """The SubmitRollouts and each rollout's raw bytes, decoded one rollout at a time with the
+    same checks; None when anything is wrong, and the caller decodes the body in one piece to
+    report the problem exactly as a whole-body decode always has."""
+    try:
+        raws = _RAW_SUBMIT_DECODER.decode(body).rollouts
+        return SubmitRollouts(rollouts=[_ROLLOUT_DECODER.decode(raw) for raw in raws]), raws
+    except _DECODE_FAILURES:
+        return None
 
 
 def _with_root(message: str) -> str:

@@ -6,14 +6,21 @@ Every test here restarts a broker from the same journal file the way the daemon 
 
 from __future__ import annotations
 
+import os
+import struct
+import threading
+
+import msgspec
+import pytest
 from test_broker_helpers import FakeClock, Harness, balanced, bodies, group, make_rollout
 
-from tether.broker.journal import Journal
+from tether.broker import journal as journal_module
+from tether.broker.journal import PUT, Journal
 from tether.broker.ledger import Ledger
 from tether.broker.server import build_state
 from tether.broker.state import RunPolicy
 from tether.common.config.broker import BrokerConfig
-from tether.common.messages import Ack, Commit, RolloutBatch, WeightUpdate
+from tether.common.messages import SCHEMA_VERSION, Ack, Commit, RolloutBatch, WeightUpdate
 
 POLICY = RunPolicy(group_size=1, rollouts_per_step=2, max_lag=4, max_tokens=16)
 
@@ -117,3 +124,103 @@ def test_a_torn_tail_is_cut_and_appends_continue(tmp_path):
     third = Ledger(16, dedup_window=100, journal=Journal(path, fsync="never"), clock=FakeClock())
     third.replay()
     assert third.depth == 2 and third.known("c") and third.balanced()
+
+
+# ----------------------------------------------------------------------------- rollouts journaled as received
+
+
+def put_payloads(path) -> list[bytes]:
+    """The payload of every PUT record in a journal file, in order."""
+    data, offset, payloads = path.read_bytes(), 0, []
+    while offset < len(data):
+        length, kind, _ = struct.unpack_from("<IBI", data, offset)
+        offset += 9
+        if kind == PUT:
+            payloads.append(data[offset : offset + length])
+        offset += length
+    return payloads
+
+
+def as_sent(rollout) -> bytes:
+    """The rollout as an actor might encode it: fields in another order than tether's encoder."""
+    fields = msgspec.to_builtins(rollout, builtin_types=(bytes,))
+    return msgspec.msgpack.encode(dict(reversed(fields.items())))
+
+
+def submit_as_sent(h: Harness, sender: str, encoded: list[bytes]) -> Ack:
+    """A SubmitRollouts whose rollouts are exactly the bytes given."""
+    body = b"\x81\xa8rollouts" + (b"\xdc" + struct.pack(">H", len(encoded))) + b"".join(encoded)
+    envelope = msgspec.msgpack.encode({"kind": "submit_rollouts", "schema": SCHEMA_VERSION, "sender": sender,
+                                       "msg_id": "m1", "body": msgspec.Raw(body)})
+    return bodies(h.state.handle(sender.encode(), envelope), Ack)[0]
+
+
+def test_rollouts_are_journaled_as_sent_and_replay_equal(tmp_path):
+    h = Restartable(tmp_path)
+    h.learner()
+    h.actor("a0")
+    rollouts = [make_rollout(f"r{i}", f"g{i}", version=[0, 0, 0, 0]) for i in range(3)]
+    sent = [as_sent(r) for r in rollouts]
+    assert sent[0] != msgspec.msgpack.encode(rollouts[0])  # the journal could not have re-encoded them
+    assert submit_as_sent(h, "a0", sent).acked == ["r0", "r1", "r2"]
+    assert put_payloads(h.journal_path) == sent
+    h.restart()
+    assert list(h.state.ledger.buffer.rollouts()) == rollouts and balanced(h.state)
+
+
+def test_refused_and_duplicate_rollouts_are_not_journaled_and_the_rest_keep_their_own_bytes(tmp_path):
+    h = Restartable(tmp_path)
+    h.learner()
+    h.actor("a0")
+    foreign = make_rollout("bad", "gb", actor_id="a1")  # fails the run's rules: not the sender's
+    first, second = make_rollout("r1", "g1"), make_rollout("r2", "g2")
+    again = msgspec.structs.replace(first, reward=0.25)  # the same id again, other bytes
+    sent = [as_sent(r) for r in (foreign, first, again, second)]
+    ack = submit_as_sent(h, "a0", sent)
+    assert [r.rollout_id for r in ack.invalid] == ["bad"] and ack.acked == ["r1", "r2", "r1"]
+    assert ack.duplicates == 1
+    assert put_payloads(h.journal_path) == [sent[1], sent[3]]
+    h.restart()
+    assert list(h.state.ledger.buffer.rollouts()) == [first, second] and balanced(h.state)
+
+
+# ----------------------------------------------------------------------------- fsync policy "interval"
+
+
+def test_interval_fsync_runs_in_the_background_one_at_a_time_and_close_waits_for_it(tmp_path, monkeypatch):
+    release, calls = threading.Event(), []
+
+    def slow_fsync(fd):  # a disk that takes its time
+        calls.append(fd)
+        assert release.wait(10)
+
+    monkeypatch.setattr(journal_module.os, "fsync", slow_fsync)
+    clock = FakeClock()
+    journal = Journal(tmp_path / "j.bin", fsync="interval", fsync_interval_s=1.0, clock=clock)
+    journal.put([make_rollout("a", "ga")])
+    journal.maybe_sync()
+    assert calls == []  # not due yet
+    clock.advance(1.0)
+    journal.maybe_sync()  # returns at once although the fsync has not finished
+    journal.put([make_rollout("b", "gb")])  # acks go on: written, not yet synced
+    clock.advance(5.0)
+    journal.maybe_sync()
+    assert len(calls) == 1  # still running: no second fsync at the same time
+    release.set()
+    journal.close()  # waits for the running fsync, then syncs what was written after it started
+    assert len(calls) == 2
+    assert [r.rollout_id for kind, r in Journal(tmp_path / "j.bin").replay()] == ["a", "b"]
+
+    def failing_fsync(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(journal_module.os, "fsync", failing_fsync)
+    journal = Journal(tmp_path / "k.bin", fsync="interval", fsync_interval_s=1.0, clock=clock)
+    journal.put([make_rollout("c", "gc")])
+    clock.advance(1.0)
+    journal.maybe_sync()
+    journal._syncer.join()
+    with pytest.raises(OSError, match="Input/output"):
+        journal.maybe_sync()  # the loop learns of it, as when the fsync ran inline
+    monkeypatch.setattr(journal_module.os, "fsync", os.fsync)
+    journal.close()

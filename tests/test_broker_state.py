@@ -419,6 +419,22 @@ def test_nudges_repeat_until_the_learner_publishes():
     assert bodies(h.tick(0.6), PublishWanted)
 
 
+def test_a_due_nudge_goes_out_with_rollout_traffic_too():
+    """Rollout traffic skips the nudge check only while nobody is behind: once an actor is, the
+    next message of any kind after the interval carries the nudge, as a tick would."""
+    h = Harness(heartbeat_interval_s=0.5)
+    h.learner()
+    h.actor("a0")
+    h.clock.advance(5)
+    assert not bodies(h.submit("a0", [make_rollout("r0")]), PublishWanted)  # a0 holds the latest
+    h.publish(1)  # a0 gets the update; it fails, so a0 is behind and nothing is in flight
+    h.report("L0", 1, 1)
+    assert bodies(h.report("a0", 1, 1, ok=False, error="boom"), PublishWanted, to="L0")
+    assert not bodies(h.submit("a0", [make_rollout("r1")]), PublishWanted)  # rate-limited
+    h.clock.advance(1.1)
+    assert bodies(h.submit("a0", [make_rollout("r2")]), PublishWanted, to="L0")
+
+
 def test_a_silent_member_times_out_and_is_excluded_until_it_registers_again():
     h = Harness()
     h.learner()

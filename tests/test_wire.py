@@ -177,6 +177,83 @@ def test_invalid_rollout_fields_are_named(change, field_in_message):
         wire.decode(_raw_message(body))
 
 
+EDGE_LOGPROBS = [0.0, -0.0, 1e-4, float(np.nextafter(np.float32(1e-4), np.float32(1))), 5e-5, 0.5, -1e30,
+                 float("inf"), float("-inf"), float("nan"), -float(np.finfo(np.float32).max), float(np.finfo(np.float32).tiny)]
+
+
+@pytest.mark.parametrize("logprobs", [[a, b] for a in EDGE_LOGPROBS for b in (-1.0, *EDGE_LOGPROBS)] + [[x] for x in EDGE_LOGPROBS])
+def test_the_logprob_rule_accepts_exactly_finite_values_up_to_1e_4(logprobs):
+    """The decoder's fast check (min and max) against the rule as written: all finite, none > 1e-4."""
+    array = np.asarray(logprobs, dtype=np.float32)
+    allowed = bool(np.all(np.isfinite(array)) and not np.any(array > np.float32(1e-4)))
+    change = {"logprobs": m.float32_array(array), "completion_token_ids": m.int32_array(np.arange(len(array))),
+              "versions": m.int32_array(np.zeros(len(array)))}
+    if allowed:
+        m.Rollout(**_rollout(**change))
+    else:
+        with pytest.raises(ValueError, match="logprobs"):
+            m.Rollout(**_rollout(**change))
+
+
+@pytest.mark.parametrize("versions", [[0], [3, 3, 4], [4, 3], [-1], [0, -1], [-3, -3, -3], [5, -2**31], [0, 2**31 - 1, -1],
+                                      [2**31 - 1, 2**31 - 1], [1, 2, 1, 2]])
+def test_versions_must_be_non_negative_and_never_decrease(versions):
+    allowed = versions[0] >= 0 and all(b >= a for a, b in zip(versions, versions[1:], strict=False))
+    change = {"versions": m.int32_array(versions), "logprobs": m.float32_array([-1.0] * len(versions)),
+              "completion_token_ids": m.int32_array(range(len(versions)))}
+    if allowed:
+        rollout = m.Rollout(**_rollout(**change))
+        assert (rollout.min_version, rollout.max_version) == (versions[0], versions[-1])
+    else:  # [5, -2**31] once passed: np.diff wrapped around in int32
+        with pytest.raises(ValueError, match="versions"):
+            m.Rollout(**_rollout(**change))
+
+
+def test_an_empty_completion_has_no_version():
+    empty = m.Rollout(**_rollout(completion_token_ids=m.int32_array([]), logprobs=m.float32_array([]),
+                                 versions=m.int32_array([])))
+    assert (empty.min_version, empty.max_version, empty.num_completion_tokens) == (-1, -1, 0)
+
+
+def test_submitted_rollouts_keep_the_bytes_they_were_sent_as():
+    rollouts = [m.Rollout(**_rollout(rollout_id=f"r{i}")) for i in range(3)]
+    message = wire.decode(wire.encode(m.SubmitRollouts(rollouts=rollouts), sender="s"))
+    assert message.body.rollouts == rollouts
+    assert [bytes(raw) for raw in message.raw_rollouts] == [msgspec.msgpack.encode(r) for r in rollouts]
+    assert wire.decode(wire.encode(m.Commit(version=1), sender="s")).raw_rollouts is None
+
+
+def test_a_bad_rollout_among_good_ones_fails_the_message_as_a_whole_body_decode_does():
+    good = _body(m.Rollout(**_rollout()))
+    bad = good | {"versions": {"dtype": "<i4", "shape": [2], "data": np.array([5, 4], "<i4").tobytes()}}
+    data = msgspec.msgpack.encode(dict(kind="submit_rollouts", schema=m.SCHEMA_VERSION, sender="s", msg_id="1",
+                                       body={"rollouts": [good, good, bad]}))
+    with pytest.raises(WireDecodeError) as raised:
+        wire.decode(data)
+    assert "$.body.rollouts[2]" in str(raised.value) and "never decrease" in str(raised.value)
+
+
+@pytest.mark.parametrize(("shape", "nbytes", "error"), [
+    ((), 4, None), ((0,), 0, None), ((2, 3), 24, None), ((3, -1), 0, "negative dimension"),
+    ((-2, -3), 24, "negative dimension"), ((2, 2, 2, 2, 2), 128, "dimensions"), ((2, 3), 20, "needs 24"),
+    ((1 << 20, 1 << 20), 0, "exceeds"),
+])
+def test_array_shapes_are_checked_against_the_data(shape, nbytes, error):
+    if error is None:
+        assert m.Array(dtype="<f4", shape=shape, data=b"\0" * nbytes).numpy().shape == shape
+    else:
+        with pytest.raises(ValueError, match=error):
+            m.Array(dtype="<f4", shape=shape, data=b"\0" * nbytes)
+
+
+def test_rollout_records_are_not_tracked_by_the_garbage_collector():
+    """They cannot form cycles (immutable, hold no containers of their own kind): see messages.py."""
+    import gc
+
+    rollout = wire.decode(wire.encode(m.SubmitRollouts(rollouts=[m.Rollout(**_rollout())]), sender="s")).body.rollouts[0]
+    assert not any(gc.is_tracked(x) for x in (rollout, rollout.sampling, rollout.logprobs, rollout.versions))
+
+
 def test_envelope_errors_are_specific():
     body = _body(m.Rollout(**_rollout()))
     with pytest.raises(WireDecodeError, match="schema version 99"):

@@ -47,9 +47,10 @@ class BrokerConfig(Section):
     of later updates until they register again. Must exceed weights.timeout_s, so members stuck in
     a collective fail by themselves first."""
     journal_fsync: str = "interval"
-    """always: fsync before every ack; interval: at most every journal_fsync_interval_s; never: leave it
-    to the OS. Acks always follow the write() call, so a killed broker process loses nothing acked; only
-    a machine crash can lose the un-fsynced tail."""
+    """always: fsync before every ack; interval: at most every journal_fsync_interval_s, in the
+    background (the broker serves on while the disk catches up); never: leave it to the OS. Acks
+    always follow the write() call, so a killed broker process loses nothing acked; only a machine
+    crash can lose the un-fsynced tail."""
     journal_fsync_interval_s: float = 1.0
     """Seconds between fsyncs of the journal when journal_fsync=interval."""
     journal_compact_every: int = 0
