@@ -208,12 +208,12 @@ def test_d_inflight_update_mid_generation(loop, engine, model_dir, tmp_path):
         return completion_from_output(final)
 
     async def run():
+        # The learner is up before the update, as in a run: the actor keeps generating while the
+        # bytes arrive, so a sender still starting would let the requests finish before the pause.
+        sender = await _start_ready(send_states, port, [(1, str(tmp_path / "new.pt"))], bucket_bytes, timeout_s=60)
         tasks = [asyncio.ensure_future(one(i, p)) for i, p in enumerate(PROMPTS)]
         while min(counts) < 4:  # every request is past its prefill and a few tokens in
             await asyncio.sleep(0.005)
-        sender = mp.get_context("spawn").Process(target=send_states, args=(port, [(1, str(tmp_path / "new.pt"))], bucket_bytes),
-                                                  kwargs={"timeout_s": 60})
-        sender.start()
         result = await engine.update_weights(announce)
         done = await asyncio.gather(*tasks)
         sender.join(60)
@@ -286,6 +286,21 @@ def test_updates_reuse_the_epoch_group_and_rejoin_on_a_new_epoch(loop, engine, m
     assert sender.exitcode == 0
 
 
+def _run_when_started(started, target, args, kwargs) -> None:
+    started.set()
+    target(*args, **kwargs)
+
+
+async def _start_ready(target, *args, **kwargs):
+    """A spawned process running target(*args, **kwargs), returned once its interpreter is up."""
+    ctx = mp.get_context("spawn")
+    started = ctx.Event()
+    proc = ctx.Process(target=_run_when_started, args=(started, target, args, kwargs))
+    proc.start()
+    assert await asyncio.to_thread(started.wait, 120)
+    return proc
+
+
 def _dying_sender_main(port: int, key: str) -> None:
     """Joins the group, then dies before sending anything (a learner killed mid-update)."""
     import os
@@ -308,12 +323,13 @@ def test_a_failed_update_keeps_generation_paused_until_a_complete_one(loop, engi
     state = perturbed_state(load_state(model_dir), scale=0.02, seed=99)
     torch.save(state, tmp_path / "good.pt")
     version = engine.version + 1
-    dying = mp.get_context("spawn").Process(target=_dying_sender_main, args=(port, local_group_key(90)))
+    n_tokens = 160  # still generating when the failure is found: the bytes are awaited while generating
 
     async def run():
-        request = asyncio.ensure_future(engine.generate(PROMPTS[0], _params(seed=5, max_tokens=24, ignore_eos=True)))
+        dying = await _start_ready(_dying_sender_main, port, local_group_key(90))
+        request = asyncio.ensure_future(engine.generate(PROMPTS[0], _params(seed=5, max_tokens=n_tokens,
+                                                                              ignore_eos=True)))
         await asyncio.sleep(0.2)
-        dying.start()
         with pytest.raises(WeightUpdateError):
             await engine.update_weights(local_update(version, 90, state, 64 * 1024, port))
         assert not engine.healthy and engine.version == version - 1
@@ -325,11 +341,11 @@ def test_a_failed_update_keeps_generation_paused_until_a_complete_one(loop, engi
         await engine.update_weights(local_update(version, 91, state, 64 * 1024, port))
         completion = await asyncio.wait_for(request, 60)
         good.join(60)
+        dying.join(10)
         return completion
 
     completion = loop.run_until_complete(run())
-    dying.join(10)
     del store
     assert engine.healthy and engine.version == version
-    assert len(completion.token_ids) == 24 and set(completion.versions.tolist()) <= {version - 1, version}
+    assert len(completion.token_ids) == n_tokens and set(completion.versions.tolist()) <= {version - 1, version}
     assert completion.versions[-1] == version  # it finished on the complete update's weights
