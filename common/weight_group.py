@@ -307,6 +307,8 @@ class WeightSender:
                     raw = _as_bytes(tensor.to(dtype_from_name(entry.spec.dtype)))
                     buffer[entry.offset:entry.offset + entry.nbytes].copy_(raw.to(buffer.device, non_blocking=True))
                 del tensor
+            if buffer.is_cuda:  # the copies above are asynchronous: fill_s is read once they are done
+                torch.cuda.current_stream(buffer.device).synchronize()
             t1 = time.perf_counter()
             stats.fill_s += t1 - t0
             if error is None:
