@@ -212,11 +212,10 @@ class ActorEngine:
         tensor again and resumes. (A failure before the commit leaves the loaded weights whole, but
         a commit that failed half-way may not, and the contract is the same for both.)
         """
-        specs = [(spec.name, list(spec.shape), spec.dtype) for spec in update.tensors]
         async with self._update_lock:
             start = time.perf_counter()
             try:
-                reports = await self._receive(update, specs)
+                update_id = await self.receive_update(update)
             except Exception as exc:
                 await self._pause()  # no token from here until a complete update (see docstring)
                 raise self._failed(update, exc) from exc
@@ -224,8 +223,7 @@ class ActorEngine:
             await self._pause()
             paused = time.perf_counter()
             try:
-                workers = await self.llm.collective_rpc("tether_commit_update", timeout=self.weight_timeout_s * 2,
-                                                        args=(reports[0]["update_id"],))
+                workers = await self.commit_update(update_id)
                 rpc_s = time.perf_counter() - paused
                 # Set while paused: the next step, the first on new weights, is the first with this label.
                 await self.llm.update_weight_version(str(update.version))
@@ -250,8 +248,11 @@ class ActorEngine:
                  load_s=round(max(w["load_s"] for w in workers), 4), mb_per_s=round(result.mb_per_s, 1))
         return result
 
-    async def _receive(self, update: WeightUpdate, specs: list) -> list[dict]:
-        """Every worker's report of receiving (and staging) `update`; raises if one failed."""
+    async def receive_update(self, update: WeightUpdate) -> str:
+        """The part of an update that runs while the engine generates: every worker receives (and on
+        CPU stages) `update`. Returns its id for `commit_update`; raises if a worker failed.
+        Nothing of the loaded weights changes (update_weights is the whole update)."""
+        specs = [(spec.name, list(spec.shape), spec.dtype) for spec in update.tensors]
         if self._reports is None:
             self._reports = UpdateReports()
         update_id = f"v{update.version}-e{update.epoch}-{uuid.uuid4().hex[:8]}"
@@ -265,7 +266,13 @@ class ActorEngine:
         failed = [r for r in reports if not r["ok"]]
         if failed:
             raise RuntimeError("; ".join(f"rank {r['rank']}: {r['error']}" for r in failed))
-        return reports
+        return update_id
+
+    async def commit_update(self, update_id: str) -> list[dict]:
+        """Make a received update live in every worker; call it only while the engine is paused.
+        Returns each worker's timings (receive_update's included)."""
+        return await self.llm.collective_rpc("tether_commit_update", timeout=self.weight_timeout_s * 2,
+                                             args=(update_id,))
 
     async def _pause(self) -> None:
         """Stop scheduling, keeping requests and KV cache; returns once no step runs.

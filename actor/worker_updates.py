@@ -174,6 +174,7 @@ class WorkerUpdates:
     def _stream_context(self):
         if self.device.type != "cuda":
             return contextlib.nullcontext()
+        torch.cuda.set_device(self.device)  # the current device is per thread; this one starts on device 0
         if self._stream is None:
             self._stream = torch.cuda.Stream(self.device)
         return torch.cuda.stream(self._stream)
