@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -60,15 +61,19 @@ class UpdateResult:
     pause_s: float
     """Pause call to resume returned: the time no token could be generated."""
     rpc_s: float
-    """Join + receive + load inside the workers (slowest worker)."""
+    """The commit inside the workers, called while paused (slowest worker, RPC included)."""
     transfer_s: float
     bytes: int
     workers: list[dict] = field(default_factory=list)
-    """Per worker: join_s, receive_s (in the broadcasts), load_s (vLLM's reload), bytes, buckets."""
+    """Per worker: join_s, receive_s (in the broadcasts), transfer_s, stage_s (vLLM's reload on the
+    shadow model, CPU), all before the pause; load_s (the commit: swap on CPU, vLLM's reload on
+    CUDA), in the pause; bytes, buckets."""
     pause_call_s: float = 0.0
-    """pause_generation() itself."""
+    """Pausing the scheduler itself (it waits for the step in progress)."""
     resume_s: float = 0.0
     """resume_generation() itself."""
+    ready_s: float = 0.0
+    """update_weights() called to every worker's bytes in (and staged): generation went on meanwhile."""
 
     @property
     def mb_per_s(self) -> float:
@@ -127,6 +132,7 @@ class ActorEngine:
         self._paused = False
         self._update_lock = asyncio.Lock()
         self._request_counter = 0
+        self._reports: UpdateReports | None = None
 
     # ----------------------------------------------------------------- start-up
     @classmethod
@@ -166,6 +172,9 @@ class ActorEngine:
 
     def shutdown(self) -> None:
         self.llm.shutdown()
+        if self._reports is not None:
+            self._reports.close()
+            self._reports = None
 
     # --------------------------------------------------------------- generation
     def new_request_id(self, prefix: str = "req") -> str:
@@ -198,51 +207,94 @@ class ActorEngine:
 
     # ------------------------------------------------------------ weight updates
     async def update_weights(self, update: WeightUpdate) -> UpdateResult:
-        """Pause (keep requests and KV cache), receive and load `update`'s tensors in every worker,
-        relabel the version, resume. No request is aborted.
+        """Receive `update` while generating, then pause (keep requests and KV cache), make it live in
+        every worker, relabel the version, resume. No request is aborted.
 
-        On failure the engine stays paused, `healthy` becomes False (some tensors may already be
-        loaded, so the weights may be a mix of two versions: no token may come from them) and
-        WeightUpdateError is raised; the next successful update loads every tensor again and resumes.
+        The bytes arrive on a background thread of each worker (and on CPU vLLM's reload processes
+        them on a shadow of the model) while the engine keeps generating; only the commit runs in
+        the pause (tether.actor.worker_updates). On failure the engine stays paused, `healthy`
+        becomes False and WeightUpdateError is raised; the next successful update loads every
+        tensor again and resumes. (A failure before the commit leaves the loaded weights whole, but
+        a commit that failed half-way may not, and the contract is the same for both.)
         """
-        specs = [(spec.name, list(spec.shape), spec.dtype) for spec in update.tensors]
         async with self._update_lock:
             start = time.perf_counter()
-            if not self._paused:
-                await self.llm.pause_generation(mode="keep", clear_cache=False)
-                self._paused = True
+            try:
+                update_id = await self.receive_update(update)
+            except Exception as exc:
+                await self._pause()  # no token from here until a complete update (see docstring)
+                raise self._failed(update, exc) from exc
+            ready = time.perf_counter()
+            await self._pause()
             paused = time.perf_counter()
             try:
-                workers = await self.llm.collective_rpc(
-                    "tether_receive_weights",
-                    timeout=self.weight_timeout_s * 2,
-                    args=(update.group_host, update.group_port, update.group_key, update.first_rank,
-                          update.world_size, specs, update.bucket_bytes, self.weight_backend,
-                          self.weight_timeout_s),
-                )
+                workers = await self.commit_update(update_id)
                 rpc_s = time.perf_counter() - paused
                 # Set while paused: the next step, the first on new weights, is the first with this label.
                 await self.llm.update_weight_version(str(update.version))
             except Exception as exc:
-                self.healthy = False
-                log.error("weight update failed; generation stays paused until a complete update",
-                          version=update.version, epoch=update.epoch, error=str(exc)[:500])
-                raise WeightUpdateError(f"weight update to version {update.version} failed: {exc}") from exc
+                raise self._failed(update, exc) from exc
             self.version, self.lineage, self.healthy = update.version, update.lineage, True
             resume_start = time.perf_counter()
             await self.llm.resume_generation()
             self._paused = False
             done = time.perf_counter()
         result = UpdateResult(
-            version=update.version, epoch=update.epoch, pause_s=done - start, rpc_s=rpc_s,
+            version=update.version, epoch=update.epoch, pause_s=done - ready, rpc_s=rpc_s,
             transfer_s=max(w["transfer_s"] for w in workers), bytes=sum(w["bytes"] for w in workers),
-            workers=list(workers), pause_call_s=paused - start, resume_s=done - resume_start,
+            workers=list(workers), pause_call_s=paused - ready, resume_s=done - resume_start,
+            ready_s=ready - start,
         )
         log.info("weights_updated", version=result.version, epoch=result.epoch, pause_s=round(result.pause_s, 4),
-                 rpc_s=round(rpc_s, 4), join_s=round(max(w["join_s"] for w in workers), 4),
+                 ready_s=round(result.ready_s, 4), rpc_s=round(rpc_s, 4),
+                 join_s=round(max(w["join_s"] for w in workers), 4),
                  receive_s=round(max(w["receive_s"] for w in workers), 4),
+                 stage_s=round(max(w["stage_s"] for w in workers), 4),
                  load_s=round(max(w["load_s"] for w in workers), 4), mb_per_s=round(result.mb_per_s, 1))
         return result
+
+    async def receive_update(self, update: WeightUpdate) -> str:
+        """The part of an update that runs while the engine generates: every worker receives (and on
+        CPU stages) `update`. Returns its id for `commit_update`; raises if a worker failed.
+        Nothing of the loaded weights changes (update_weights is the whole update)."""
+        specs = [(spec.name, list(spec.shape), spec.dtype) for spec in update.tensors]
+        if self._reports is None:
+            self._reports = UpdateReports()
+        update_id = f"v{update.version}-e{update.epoch}-{uuid.uuid4().hex[:8]}"
+        begun = await self.llm.collective_rpc(
+            "tether_begin_update", timeout=self.weight_timeout_s,
+            args=(update_id, self._reports.address, update.group_host, update.group_port, update.group_key,
+                  update.first_rank, update.world_size, specs, update.bucket_bytes, self.weight_backend,
+                  self.weight_timeout_s),
+        )
+        reports = await self._reports.wait(update_id, len(begun), timeout=self.weight_timeout_s * 2)
+        failed = [r for r in reports if not r["ok"]]
+        if failed:
+            raise RuntimeError("; ".join(f"rank {r['rank']}: {r['error']}" for r in failed))
+        return update_id
+
+    async def commit_update(self, update_id: str) -> list[dict]:
+        """Make a received update live in every worker; call it only while the engine is paused.
+        Returns each worker's timings (receive_update's included)."""
+        return await self.llm.collective_rpc("tether_commit_update", timeout=self.weight_timeout_s * 2,
+                                             args=(update_id,))
+
+    async def _pause(self) -> None:
+        """Stop scheduling, keeping requests and KV cache; returns once no step runs.
+
+        Calls the engine core directly: AsyncLLM.pause_generation adds a fixed 20 ms sleep after it
+        (so that outputs of the last step reach the caller first, which vLLM notes is not needed for
+        correctness), and that sleep alone would be three times the bare broadcast of the tiny model.
+        """
+        if not self._paused:
+            await self.llm.engine_core.pause_scheduler_async(mode="keep", clear_cache=False)
+            self._paused = True
+
+    def _failed(self, update: WeightUpdate, exc: Exception) -> WeightUpdateError:
+        self.healthy = False
+        log.error("weight update failed; generation stays paused until a complete update",
+                  version=update.version, epoch=update.epoch, error=str(exc)[:500])
+        return WeightUpdateError(f"weight update to version {update.version} failed: {exc}")
 
     async def head_info(self) -> list[dict]:
         return await self.llm.collective_rpc("tether_head_info")
@@ -348,3 +400,38 @@ def completion_to_dict(completion: Completion) -> dict:
     data["logprobs"] = completion.logprobs.tolist()
     data["versions"] = completion.versions.tolist()
     return data
+
+
+class UpdateReports:
+    """Where workers report the background phase of an update: a zmq PULL socket on loopback.
+
+    vLLM's workers of one engine run on this host; each background thread pushes one JSON report
+    per update. Waiting on a socket rather than polling the workers costs the engine nothing.
+    """
+
+    def __init__(self):
+        import zmq
+        import zmq.asyncio
+
+        self._context = zmq.asyncio.Context()
+        self._socket = self._context.socket(zmq.PULL)
+        port = self._socket.bind_to_random_port("tcp://127.0.0.1")
+        self.address = f"tcp://127.0.0.1:{port}"
+
+    async def wait(self, update_id: str, count: int, timeout: float) -> list[dict]:
+        """The `count` reports of `update_id`; reports of earlier updates (ones that timed out) are skipped."""
+        reports: list[dict] = []
+        deadline = time.monotonic() + timeout
+        while len(reports) < count:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not await self._socket.poll(remaining * 1000):
+                raise TimeoutError(f"{count - len(reports)} of {count} workers did not receive the update "
+                                   f"within {timeout:.0f} s")
+            report = json.loads(await self._socket.recv())
+            if report.get("update_id") == update_id:
+                reports.append(report)
+        return sorted(reports, key=lambda r: r["rank"])
+
+    def close(self) -> None:
+        self._socket.close(linger=0)
+        self._context.term()

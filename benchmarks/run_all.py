@@ -3,9 +3,9 @@
     python -m benchmarks.run_all [--quick] [--model DIR] [--skip NAME,...]
 
 Runs, each as its own process so that each keeps its own JSON in benchmarks/results/:
-  actor    benchmarks.bench_actor --skip-100m   actor tokens/s against bare vLLM (ratio)
-  weights  benchmarks.bench_weights             in-flight broadcast MB/s against memcpy (ratio), pause,
-                                                at ~10M and ~100M parameters
+  actor    benchmarks.bench_actor               actor tokens/s against bare vLLM (ratio)
+  weights  benchmarks.bench_weights             in-flight update pause against a bare broadcast of the
+                                                same bytes (ratio), tiny model and ~100M parameters
   race     launch/run_local.sh twice (this file) in-flight against stop-the-world: wall-clock to a
                                                 reward target on the toy task, same seed (ratio)
   broker   benchmarks.bench_broker              rollouts/s and ack latency, journal on and off
@@ -175,13 +175,20 @@ def table_rows(results: dict) -> list[tuple[str, str, str, str]]:
     weights = results.get("weights", {})
     if weights.get("ok"):
         for w in weights["json"]:
-            label = f"{w['parameters'] / 1e6:.0f}M params"
-            rows.append(("weights", f"broadcast MB/s / memcpy ({label})", _fmt(w["broadcast_over_memcpy"]),
-                         f"{w['broadcast_mb_per_s']:.0f} vs {w['memcpy_mb_per_s']:.0f} MB/s, {w['bytes'] / 1e6:.0f} MB"))
-            rows.append(("weights", f"pause per update s ({label})", _fmt(w["pause_s"]),
-                         f"bare 2-process gloo broadcast {w['bare_broadcast_mb_per_s']:.0f} MB/s"))
+            label = f"{w['model']}, {w['parameters'] / 1e6:.0f}M"
+            m, lo, hi = w["median"], w["spread"]["pause_over_bare"][0], w["spread"]["pause_over_bare"][1]
+            rows.append(("weights", f"update pause / bare broadcast ({label})", _fmt(m["pause_over_bare"]),
+                         f"{m['pause_s'] * 1e3:.0f} vs {m['bare_broadcast_s'] * 1e3:.0f} ms for {w['bytes'] / 1e6:.0f} MB, "
+                         f"median of {len(w['updates'])} (ratio {lo:.2f}-{hi:.2f})"))
+            rows.append(("weights", f"  pause s ({label})", _fmt(m["pause_s"]),
+                         f"pause() {m['pause_call_s'] * 1e3:.0f} ms (the step in progress), commit "
+                         f"{m['actor_load_s'] * 1e3:.1f} ms, resume {m['resume_s'] * 1e3:.1f} ms"))
+            rows.append(("weights", f"  before the pause, generating, s ({label})", _fmt(m["ready_s"]),
+                         f"receive {m['actor_receive_s']:.2f}, stage {m['actor_stage_s']:.2f}; learner gather "
+                         f"{m['learner_gather_s']:.2f}, broadcast {m['learner_broadcast_s']:.2f}; tokens/s "
+                         f"{m['tokens_per_s_ready']:.0f} vs {m['tokens_per_s_before']:.0f} before"))
     else:
-        rows.append(("weights", "broadcast / memcpy", "failed" if "error" in weights else "skipped", weights.get("error", "")[:80]))
+        rows.append(("weights", "pause / bare broadcast", "failed" if "error" in weights else "skipped", weights.get("error", "")[:80]))
     rc = results.get("race")
     if rc is None:
         rows.append(("race", "in-flight / stop-the-world", "skipped", ""))
@@ -245,8 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     started = time.time()
     results: dict = {}
-    if "actor" not in skip:  # bench_weights covers the ~100M model
-        results["actor"] = run_module("bench_actor", ["--skip-100m"] + (["--quick"] if q else []), 1200)
+    if "actor" not in skip:
+        results["actor"] = run_module("bench_actor", ["--quick"] if q else [], 1200)
     if "weights" not in skip:
         results["weights"] = run_module("bench_weights", ["--quick"] if q else [], 1200)
     if "race" not in skip:

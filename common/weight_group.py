@@ -150,7 +150,11 @@ class WeightGroup:
         # With a timeout, wait() blocks the CPU until the collective completes or raises, on NCCL too.
         work.wait(timeout)
         if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)  # timers read after this see the transfer done
+            # wait() only orders the calling thread's current stream after NCCL's; synchronising that
+            # stream makes the bytes complete before a timer is read or another thread reads the
+            # buffer. Not the whole device: an actor receives on a side stream of a background
+            # thread while its engine keeps computing on the default stream.
+            torch.cuda.current_stream(self.device).synchronize()
 
     def abort(self) -> None:
         """Tear the group down after a failure (or when the epoch ends); it cannot be used again."""
@@ -303,6 +307,8 @@ class WeightSender:
                     raw = _as_bytes(tensor.to(dtype_from_name(entry.spec.dtype)))
                     buffer[entry.offset:entry.offset + entry.nbytes].copy_(raw.to(buffer.device, non_blocking=True))
                 del tensor
+            if buffer.is_cuda:  # the copies above are asynchronous: fill_s is read once they are done
+                torch.cuda.current_stream(buffer.device).synchronize()
             t1 = time.perf_counter()
             stats.fill_s += t1 - t0
             if error is None:
@@ -327,10 +333,15 @@ class WeightSender:
 
 
 class WeightReceiver:
-    """A rank > 0 of a weight group: receives the announced tensors as (name, tensor) pairs.
+    """A rank > 0 of a weight group: receives the announced tensors into bucket buffers.
 
     Bucket buffers are allocated once per plan and reused by later updates of the same group, so
-    keep one receiver per group (epoch).
+    keep one receiver per group (epoch). Two ways to take an update:
+
+    - `receive()` yields each tensor as its bucket arrives (streaming into a consumer);
+    - `receive_all()` fills every bucket first and `tensors()` then reads them, so the transfer can
+      finish (e.g. on a background thread while the engine keeps generating) before the consumer
+      touches anything. The buffers hold one full copy of the update either way.
     """
 
     def __init__(self, group: WeightGroup):
@@ -350,21 +361,47 @@ class WeightReceiver:
         `stats.broadcast_s` is the time spent receiving; the rest of `stats.seconds` is the consumer's.
         """
         start = time.perf_counter()
+        self._prepare(specs, bucket_bytes)
+        for bucket, buffer in zip(self._plan, self._buffers, strict=True):
+            self._receive_bucket(bucket, buffer)
+            yield from _views(bucket, buffer)
+        self.stats.seconds = time.perf_counter() - start
+
+    def receive_all(self, specs: Sequence[TensorSpec], bucket_bytes: int) -> TransferStats:
+        """Receive every bucket of the update; `tensors()` then reads them."""
+        start = time.perf_counter()
+        self._prepare(specs, bucket_bytes)
+        for bucket, buffer in zip(self._plan, self._buffers, strict=True):
+            self._receive_bucket(bucket, buffer)
+        self.stats.seconds = time.perf_counter() - start
+        return self.stats
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """The last update's tensors in announced order, as views of the buffers (after `receive_all`)."""
+        for bucket, buffer in zip(self._plan, self._buffers, strict=True):
+            yield from _views(bucket, buffer)
+
+    def _prepare(self, specs: Sequence[TensorSpec], bucket_bytes: int) -> None:
         self.stats = TransferStats(tensors=len(specs))
         key = (tuple(specs), bucket_bytes)
         if key != self._plan_key:
+            self._buffers = []  # the old plan's memory goes before the new plan's is taken
             self._plan = bucket_plan(specs, bucket_bytes)
             self._buffers = [torch.empty(b.nbytes, dtype=torch.uint8, device=self.group.device) for b in self._plan]
             self._plan_key = key
-        for bucket, buffer in zip(self._plan, self._buffers, strict=True):
-            t0 = time.perf_counter()
-            self.group.broadcast_(buffer)
-            self.stats.broadcast_s += time.perf_counter() - t0
-            self.stats.buckets += 1
-            self.stats.bytes += bucket.nbytes
-            for entry in bucket.entries:
-                dtype = dtype_from_name(entry.spec.dtype)
-                raw = buffer[entry.offset:entry.offset + entry.nbytes]
-                tensor = raw.to(torch.bool) if dtype == torch.bool else raw.view(dtype)
-                yield entry.spec.name, tensor.view(entry.spec.shape)
-        self.stats.seconds = time.perf_counter() - start
+
+    def _receive_bucket(self, bucket: Bucket, buffer: torch.Tensor) -> None:
+        t0 = time.perf_counter()
+        self.group.broadcast_(buffer)
+        self.stats.broadcast_s += time.perf_counter() - t0
+        self.stats.buckets += 1
+        self.stats.bytes += bucket.nbytes
+
+
+def _views(bucket: Bucket, buffer: torch.Tensor) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every entry of `bucket`, viewed in place in its received `buffer`."""
+    for entry in bucket.entries:
+        dtype = dtype_from_name(entry.spec.dtype)
+        raw = buffer[entry.offset:entry.offset + entry.nbytes]
+        tensor = raw.to(torch.bool) if dtype == torch.bool else raw.view(dtype)
+        yield entry.spec.name, tensor.view(entry.spec.shape)

@@ -253,10 +253,8 @@ async def abort_cycle(engine, prompts, sampling, max_tokens, source: _UpdateSour
     batch_a = await asyncio.gather(*tasks)
     discarded = sum(counts[i] for i, c in enumerate(batch_a) if c is None)
     ann = source.announce
-    specs = [(s.name, list(s.shape), s.dtype) for s in ann.tensors]
-    await engine.llm.collective_rpc("tether_receive_weights", timeout=240, args=(
-        ann.group_host, ann.group_port, ann.group_key, ann.first_rank, ann.world_size, specs, ann.bucket_bytes,
-        engine.weight_backend, 120.0))
+    # The same receive and load as an in-flight update, but with the requests already aborted.
+    await engine.commit_update(await engine.receive_update(ann))
     await engine.llm.reset_prefix_cache()  # no KV written by W0 may be reused
     await engine.llm.update_weight_version(str(ann.version))
     engine.version = ann.version

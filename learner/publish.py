@@ -103,10 +103,12 @@ class PublishStats:
     buckets: int = 0
     bytes: int = 0
     seconds: float = 0.0
+    join_s: float = 0.0
+    """Rank 0: joining the epoch's weight group (once per epoch; 0 while the group is kept)."""
     gather_s: float = 0.0
     """Rank 0: time in the all-gathers and the copies into the bucket buffers."""
     broadcast_s: float = 0.0
-    """Rank 0: time in the weight-group broadcasts (joining included)."""
+    """Rank 0: time in the weight-group broadcasts (waiting for slower members included)."""
     ok: bool = True
     error: str = ""
 
@@ -163,6 +165,7 @@ class WeightPublisher:
             except Exception as exc:  # a dead or stuck member: this epoch is over
                 stats.ok, stats.error = False, f"joining the weight group failed: {exc}"
                 self.close()
+            stats.join_s = time.perf_counter() - start
         if not broadcast_int(int(group is not None), self.device):
             stats.ok = False
             stats.seconds = time.perf_counter() - start

@@ -194,7 +194,9 @@ def test_d_inflight_update_mid_generation(loop, engine, model_dir, tmp_path):
     store = TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)  # the broker's store
     bucket_bytes = 64 * 1024
     announce = local_update(1, 1, new_state, bucket_bytes, port)
-    n_tokens = 40
+    # Long enough that every request still decodes when the update commits: the bytes arrive (and are
+    # staged) while the engine keeps generating, which takes tens of steps on a loaded machine.
+    n_tokens = 96
     counts = [0] * len(PROMPTS)
 
     async def one(i, prompt):
@@ -208,12 +210,12 @@ def test_d_inflight_update_mid_generation(loop, engine, model_dir, tmp_path):
         return completion_from_output(final)
 
     async def run():
+        # The learner is up before the update, as in a run: the actor keeps generating while the
+        # bytes arrive, so a sender still starting would let the requests finish before the pause.
+        sender = await _start_ready(send_states, port, [(1, str(tmp_path / "new.pt"))], bucket_bytes, timeout_s=60)
         tasks = [asyncio.ensure_future(one(i, p)) for i, p in enumerate(PROMPTS)]
         while min(counts) < 4:  # every request is past its prefill and a few tokens in
             await asyncio.sleep(0.005)
-        sender = mp.get_context("spawn").Process(target=send_states, args=(port, [(1, str(tmp_path / "new.pt"))], bucket_bytes),
-                                                  kwargs={"timeout_s": 60})
-        sender.start()
         result = await engine.update_weights(announce)
         done = await asyncio.gather(*tasks)
         sender.join(60)
@@ -248,7 +250,7 @@ def test_d_inflight_update_mid_generation(loop, engine, model_dir, tmp_path):
           f"after vs new-on-old-KV: mean {after.mean():.3e} max {after.max():.3e}; "
           f"after vs old weights alone: median {np.median(after_old):.3e}, "
           f"{np.isinf(after_old).mean():.0%} of tokens impossible under the old weights' top-k/top-p")
-    # Same fp32 floor as test (a), with headroom for the longer sequences (40 tokens, batch of 12).
+    # Same fp32 floor as test (a), with headroom for the longer sequences (96 tokens, batch of 12).
     assert before.mean() < 5e-6 and before.max() < 5e-5
     assert after.mean() < 5e-6 and after.max() < 5e-5
     assert np.median(after_old) > 1e-2  # inf where the old weights could not have sampled the token
@@ -286,6 +288,21 @@ def test_updates_reuse_the_epoch_group_and_rejoin_on_a_new_epoch(loop, engine, m
     assert sender.exitcode == 0
 
 
+def _run_when_started(started, target, args, kwargs) -> None:
+    started.set()
+    target(*args, **kwargs)
+
+
+async def _start_ready(target, *args, **kwargs):
+    """A spawned process running target(*args, **kwargs), returned once its interpreter is up."""
+    ctx = mp.get_context("spawn")
+    started = ctx.Event()
+    proc = ctx.Process(target=_run_when_started, args=(started, target, args, kwargs))
+    proc.start()
+    assert await asyncio.to_thread(started.wait, 120)
+    return proc
+
+
 def _dying_sender_main(port: int, key: str) -> None:
     """Joins the group, then dies before sending anything (a learner killed mid-update)."""
     import os
@@ -308,7 +325,7 @@ def test_a_failed_update_keeps_generation_paused_until_a_complete_one(loop, engi
     state = perturbed_state(load_state(model_dir), scale=0.02, seed=99)
     torch.save(state, tmp_path / "good.pt")
     version = engine.version + 1
-    dying = mp.get_context("spawn").Process(target=_dying_sender_main, args=(port, local_group_key(90)))
+    n_tokens = 160  # still generating when the failure is found: the bytes are awaited while generating
 
     counts = [0]
 
@@ -317,7 +334,7 @@ def test_a_failed_update_keeps_generation_paused_until_a_complete_one(loop, engi
 
         from tether.actor.engine import completion_from_output
 
-        params = _params(seed=5, max_tokens=40, ignore_eos=True)
+        params = _params(seed=5, max_tokens=n_tokens, ignore_eos=True)
         params.output_kind = RequestOutputKind.CUMULATIVE
         final = None
         async for final in engine.stream(PROMPTS[0], params, "paused-1"):
@@ -325,27 +342,27 @@ def test_a_failed_update_keeps_generation_paused_until_a_complete_one(loop, engi
         return completion_from_output(final)
 
     async def run():
+        dying = await _start_ready(_dying_sender_main, port, local_group_key(90))
         request = asyncio.ensure_future(stream())
         while counts[0] < 2:  # in flight, a few tokens in
             await asyncio.sleep(0.002)
-        dying.start()
         with pytest.raises(WeightUpdateError):
             await engine.update_weights(local_update(version, 90, state, 64 * 1024, port))
         assert not engine.healthy and engine.version == version - 1
         seen = counts[0]
         await asyncio.sleep(1.0)
-        assert not request.done() and counts[0] == seen < 40  # paused: no token from weights that may be mixed
+        assert not request.done() and counts[0] == seen < n_tokens  # paused: no token from weights that may be mixed
         good = mp.get_context("spawn").Process(target=send_states, args=(port, [(91, str(tmp_path / "good.pt"))],
                                                                           64 * 1024))
         good.start()
         await engine.update_weights(local_update(version, 91, state, 64 * 1024, port))
         completion = await asyncio.wait_for(request, 60)
         good.join(60)
+        dying.join(10)
         return completion
 
     completion = loop.run_until_complete(run())
-    dying.join(10)
     del store
     assert engine.healthy and engine.version == version
-    assert len(completion.token_ids) == 40 and set(completion.versions.tolist()) <= {version - 1, version}
+    assert len(completion.token_ids) == n_tokens and set(completion.versions.tolist()) <= {version - 1, version}
     assert completion.versions[-1] == version  # it finished on the complete update's weights
