@@ -6,8 +6,10 @@ Runs, each as its own process so that each keeps its own JSON in benchmarks/resu
   actor    benchmarks.bench_actor               actor tokens/s against bare vLLM (ratio)
   weights  benchmarks.bench_weights             in-flight update pause against a bare broadcast of the
                                                 same bytes (ratio), tiny model and ~100M parameters
-  race     launch/run_local.sh twice (this file) in-flight against stop-the-world: wall-clock to a
-                                                reward target on the toy task, same seed (ratio)
+  race     benchmarks.bench_race                in-flight against stop-the-world on disjoint CPU sets:
+                                                time to a reward and a held-out accuracy target from
+                                                the first learner step, same seeds (ratio, median)
+  chaos    benchmarks.bench_chaos               recovery time per fault and the exactly-once audit
   broker   benchmarks.bench_broker              rollouts/s and ack latency, journal on and off
   learner  benchmarks.bench_learner             learner completion tokens/s
 and writes benchmarks/results/run_all-<time>.json with every row and every sub-benchmark's JSON.
@@ -22,11 +24,8 @@ import os
 import platform
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
-
-from tether.common.net import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -51,108 +50,6 @@ def run_module(name: str, args: list[str], timeout_s: float) -> dict:
         tail = (proc.stdout + proc.stderr)[-1500:]
         return {"ok": False, "error": f"exit {proc.returncode}: {tail}", "seconds": time.time() - start}
     return {"ok": True, "json": json.loads(path.read_text()), "path": str(path), "seconds": time.time() - start}
-
-
-# ------------------------------------------------------------------ in-flight vs stop-the-world race
-def mode_overrides(mode: str) -> list[str]:
-    """Overrides selecting a weights mode; stop-the-world is strictly on-policy, so it requires max_lag=0."""
-    return [f"weights.mode={mode}"] + (["learner.max_lag=0"] if mode == "stop_the_world" else [])
-
-
-def _stop_the_world_available() -> str | None:
-    """None if the config accepts weights.mode=stop_the_world with the race's overrides; else why not.
-
-    Whether the daemons implement the mode is what running it finds out (race() reports a failed
-    run with its error), not a search of their source text.
-    """
-    try:
-        from tether.common.config import load_config
-
-        load_config(str(ROOT / "configs" / "demo.yaml"), mode_overrides("stop_the_world"))
-    except Exception as exc:  # report rather than fake
-        return f"config rejects weights.mode=stop_the_world ({type(exc).__name__}: {exc})"
-    return None
-
-
-def race_one(mode: str, model: str, run_dir: Path, steps: int, seed: int, timeout_s: float) -> dict:
-    """One whole system (broker, 1 actor, 1 learner rank) via launch/run_local.sh; step arrival times."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    metrics = run_dir / "metrics.jsonl"
-    # Free ports: other tether runs on this machine may hold the defaults.
-    overrides = [f"broker.port={free_port()}", f"broker.store_port={free_port()}", f"run.dir={run_dir}", f"model.path={model}", f"learner.steps={steps}", f"run.seed={seed}",
-                 *mode_overrides(mode)]
-    env = dict(os.environ, PYTHON=sys.executable)
-    start = time.perf_counter()
-    arrivals: dict[int, float] = {}
-    stop = threading.Event()
-
-    def watch() -> None:  # wall-clock of each step as its metrics line lands
-        while not stop.is_set():
-            if metrics.is_file():
-                for line in metrics.read_text().splitlines():
-                    try:
-                        step = int(json.loads(line)["step"])
-                    except (ValueError, KeyError, TypeError):
-                        continue
-                    arrivals.setdefault(step, time.perf_counter() - start)
-            stop.wait(0.25)
-
-    watcher = threading.Thread(target=watch, daemon=True)
-    watcher.start()
-    try:
-        proc = subprocess.run(["bash", str(ROOT / "launch" / "run_local.sh"), str(ROOT / "configs" / "demo.yaml"),
-                               "--actors", "1", *overrides], cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=timeout_s)
-        code, tail = proc.returncode, (proc.stdout + proc.stderr)[-1500:]
-    except subprocess.TimeoutExpired:
-        code, tail = 124, f"timed out after {timeout_s:.0f} s"
-    wall = time.perf_counter() - start
-    stop.set()
-    watcher.join()
-    records = []
-    if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    records = sorted((r for r in records if "step" in r), key=lambda r: r["step"])
-    for r in records:
-        r["wall_s"] = arrivals.get(int(r["step"]), wall)
-    return {"mode": mode, "exit": code, "wall_s": wall, "steps_done": len(records),
-            "rewards": [r.get("reward_mean") for r in records],
-            "final_reward_mean3": (sum(r.get("reward_mean") or 0.0 for r in records[-3:]) / min(3, len(records))
-                                   if records else None), "step_wall_s": [r["wall_s"] for r in records],
-            "error": None if code == 0 and len(records) >= steps else tail}
-
-
-def time_to_target(result: dict, target: float, window: int) -> float | None:
-    """Wall-clock at the first step whose trailing `window`-step mean reward reaches `target`."""
-    rewards = [r if r is not None else 0.0 for r in result["rewards"]]
-    for i in range(window - 1, len(rewards)):
-        if sum(rewards[i - window + 1:i + 1]) / window >= target:
-            return result["step_wall_s"][i]
-    return None
-
-
-def race(model: str, steps: int, target: float, window: int, seed: int, out_dir: Path, timeout_s: float) -> dict:
-    """In-flight and stop-the-world on the same seed and steps; ratio of wall-clock to the target."""
-    unavailable = _stop_the_world_available()
-    runs = {"inflight": race_one("inflight", model, out_dir / "inflight", steps, seed, timeout_s)}
-    if unavailable is None:
-        runs["stop_the_world"] = race_one("stop_the_world", model, out_dir / "stop_the_world", steps, seed, timeout_s)
-        if runs["stop_the_world"]["error"]:
-            unavailable = "stop_the_world run failed: " + runs["stop_the_world"]["error"][-400:]
-    out = {"target": target, "window": window, "steps": steps, "seed": seed, "runs": runs,
-           "stop_the_world_unavailable": unavailable}
-    for mode, r in runs.items():
-        out[f"{mode}_time_to_target_s"] = time_to_target(r, target, window) if not r["error"] else None
-        out[f"{mode}_wall_s"] = r["step_wall_s"][-1] if r["step_wall_s"] and not r["error"] else None
-    a, b = out.get("inflight_time_to_target_s"), out.get("stop_the_world_time_to_target_s")
-    out["ratio_time_to_target"] = a / b if a and b else None
-    a, b = out.get("inflight_wall_s"), out.get("stop_the_world_wall_s")
-    out["ratio_wall_for_steps"] = a / b if a and b else None
-    return out
 
 
 # ------------------------------------------------------------------ table
@@ -189,25 +86,40 @@ def table_rows(results: dict) -> list[tuple[str, str, str, str]]:
                          f"{m['tokens_per_s_ready']:.0f} vs {m['tokens_per_s_before']:.0f} before"))
     else:
         rows.append(("weights", "pause / bare broadcast", "failed" if "error" in weights else "skipped", weights.get("error", "")[:80]))
-    rc = results.get("race")
-    if rc is None:
-        rows.append(("race", "in-flight / stop-the-world", "skipped", ""))
-    elif rc["stop_the_world_unavailable"]:
-        inflight = rc.get("inflight_time_to_target_s")
-        rows.append(("race", "in-flight / stop-the-world, time to target", "not available",
-                     rc["stop_the_world_unavailable"][:100]))
-        rows.append(("race", f"in-flight time to reward {rc['target']} s", _fmt(inflight, ".1f"),
-                     f"{rc['steps']} steps, trailing mean of {rc['window']}"))
+    race = results.get("race", {})
+    if race.get("ok"):
+        r = race["json"]
+        for key, label in (("time_to_reward_s", f"time to reward {r['reward_target']}"),
+                           ("time_to_accuracy_s", f"time to held-out accuracy {r['accuracy_target']}"),
+                           ("step_s_median", "step time")):
+            inflight, stw = r[f"inflight_{key}"][0], r[f"stop_the_world_{key}"][0]
+            rows.append(("race", f"in-flight / stop-the-world, {label}", _fmt(r[f"ratio_{key}"]),
+                         f"{_fmt(inflight, '.1f')} vs {_fmt(stw, '.1f')} s, median of {len(r['rows']) // 2} seeds "
+                         f"(n/a: a seed missed the target); goal <= 0.6"))
+        for mode in ("inflight", "stop_the_world"):
+            rows.append(("race", f"  learner compute / wait per step, {mode}",
+                         _fmt(r[f"{mode}_learner_compute_s_median"][0]),
+                         f"wait {_fmt(r[f'{mode}_learner_wait_s_median'][0])} s; actor cpus "
+                         f"{r['placement']['actor_cpus']}, learner cpus {r['placement']['learner_cpus']}"))
+        dropped = sum(x["dropped"] for x in r["rows"] if x["mode"] == "inflight")
+        received = sum(x["received"] for x in r["rows"] if x["mode"] == "inflight")
+        rows.append(("race", "  in-flight rollouts dropped stale", _fmt(dropped / received if received else None),
+                     f"{dropped} of {received} received; goal <= 0.02"))
     else:
-        rows.append(("race", f"in-flight / stop-the-world, time to reward {rc['target']}",
-                     _fmt(rc["ratio_time_to_target"]),
-                     f"{_fmt(rc['inflight_time_to_target_s'], '.1f')} vs "
-                     f"{_fmt(rc['stop_the_world_time_to_target_s'], '.1f')} s (n/a: not reached)"))
-        rows.append(("race", f"in-flight / stop-the-world, wall for {rc['steps']} steps", _fmt(rc["ratio_wall_for_steps"]),
-                     f"{_fmt(rc['inflight_wall_s'], '.1f')} vs {_fmt(rc['stop_the_world_wall_s'], '.1f')} s"))
-        rows.append(("race", "reward, mean of last 3 steps (in-flight, stop-the-world)",
-                     _fmt(rc["runs"]["inflight"]["final_reward_mean3"]),
-                     f"stop-the-world {_fmt(rc['runs']['stop_the_world']['final_reward_mean3'])}"))
+        rows.append(("race", "in-flight / stop-the-world", "failed" if "error" in race else "skipped",
+                     race.get("error", "")[:80]))
+    chaos = results.get("chaos", {})
+    if chaos.get("ok"):
+        c = chaos["json"]
+        for f in c["faults"]:
+            rows.append(("chaos", f"recovery s, {f['fault']}", _fmt(f["recovery_s"], ".1f"),
+                         f"at step {f['at_step']}, steps lost {f['steps_lost']}, dropped stale {f['dropped_stale']}"))
+        a = c.get("audit") or {}
+        rows.append(("chaos", "acked rollouts lost / trained twice", f"{a.get('lost')} / {a.get('trained_twice')}",
+                     f"acked {a.get('acked')}, trained {a.get('trained')}, dropped {a.get('dropped')}, "
+                     f"buffered {a.get('buffered')}; books balance {c.get('books_balance')}"))
+    else:
+        rows.append(("chaos", "recovery", "failed" if "error" in chaos else "skipped", chaos.get("error", "")[:80]))
     broker = results.get("broker", {})
     if broker.get("ok"):
         b = broker["json"]
@@ -243,9 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short runs of everything")
     parser.add_argument("--model", default="", help="tiny model for the race (default: build the embedded one)")
-    parser.add_argument("--skip", default="", help="comma-separated: actor,weights,race,broker,learner")
-    parser.add_argument("--race-steps", type=int, default=0, help="learner steps per race run (default 20, quick 8)")
-    parser.add_argument("--reward-target", type=float, default=0.40)
+    parser.add_argument("--skip", default="", help="comma-separated: actor,weights,race,chaos,broker,learner")
     args = parser.parse_args(argv)
     skip = {s for s in args.skip.split(",") if s}
     q = args.quick
@@ -257,16 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     if "weights" not in skip:
         results["weights"] = run_module("bench_weights", ["--quick"] if q else [], 1200)
     if "race" not in skip:
-        model = args.model
-        if not model:
-            model = str(RESULTS / "tiny-model")
-            if not (Path(model) / "config.json").is_file():
-                from tether.common.tiny_model import build_tiny_model
-
-                build_tiny_model(model, seed=0)
-        steps = args.race_steps or (8 if q else 20)
-        print(f"[bench] race: in-flight vs stop-the-world, {steps} steps, model {model}", flush=True)
-        results["race"] = race(model, steps, args.reward_target, 3, 0, RESULTS / f"race-{stamp}", 900)
+        race_args = ["--quick"] if q else []
+        if args.model:
+            race_args += ["--model", args.model]
+        results["race"] = run_module("bench_race", race_args, 6 * 3600)
+    if "chaos" not in skip:
+        results["chaos"] = run_module("bench_chaos", [], 1800)
     if "broker" not in skip:
         results["broker"] = run_module("bench_broker", ["--quick"] if q else [], 600)
     if "learner" not in skip:
