@@ -62,4 +62,4 @@ class TetherWorkerExtension:
     def tether_param_checksum(self, name: str) -> float:
         """Sum of one parameter in fp64 (tests use it to see that an update landed)."""
         params = dict(self.model_runner.get_model().named_parameters())
-        return float(params[name].double().sum()) if name in params else float("nan")
+        return float(params[name].detach().double().sum()) if name in params else float("nan")
