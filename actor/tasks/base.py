@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import random
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
+
+from tether.common.errors import TaskDataError
 
 
 @dataclass(frozen=True)
@@ -61,3 +64,15 @@ class Task(ABC):
         scores with reward functions (the dataset task) leaves this unimplemented.
         """
         raise NotImplementedError(f"task {self.name!r} has no built-in reward: set task.reward")
+
+
+def hold_out(rows: list, eval_size: int, seed_label: str, source: str) -> tuple[list, list]:
+    """(held_out, pool): `eval_size` rows chosen by a seeded shuffle (the same rows on every actor
+    and in every evaluation of the run), the rest in their original order."""
+    if eval_size >= len(rows):
+        raise TaskDataError(f"{source}: {len(rows)} rows cannot hold out task.eval_size={eval_size} "
+                            "and still leave training rows; lower task.eval_size or set task.options.eval_path")
+    order = list(range(len(rows)))
+    random.Random(seed_label).shuffle(order)
+    chosen = set(order[:eval_size])
+    return [rows[i] for i in sorted(chosen)], [rows[i] for i in range(len(rows)) if i not in chosen]

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tether.actor.tasks.base import Prompt, Task
+from tether.actor.tasks.base import Prompt, Task, hold_out
 from tether.actor.tasks.registry import register_task
 from tether.common.config import TaskConfig
 from tether.common.errors import ConfigError, TaskDataError
@@ -149,14 +149,7 @@ class DatasetTask(Task):
         elif "test" in splits:
             held_out, pool = rows_to_prompts(splits["test"], f"{config.path}[test]", column), rows
         else:
-            if config.eval_size >= len(rows):
-                raise TaskDataError(f"{config.path}: {len(rows)} rows cannot hold out task.eval_size={config.eval_size} "
-                                    "and still leave training rows; lower task.eval_size or set task.options.eval_path")
-            order = list(range(len(rows)))
-            random.Random(f"dataset-split:{config.seed}").shuffle(order)
-            chosen = set(order[: config.eval_size])
-            held_out = [rows[i] for i in sorted(chosen)]
-            pool = [rows[i] for i in range(len(rows)) if i not in chosen]
+            held_out, pool = hold_out(rows, config.eval_size, f"dataset-split:{config.seed}", config.path)
         held_out_keys = {_key(p) for p in held_out}
         self._train = [p for p in pool if _key(p) not in held_out_keys]
         if not self._train:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from fractions import Fraction
 from pathlib import Path
 
-from tether.actor.tasks.base import Prompt, Task
+from tether.actor.tasks.base import Prompt, Task, hold_out
 from tether.actor.tasks.registry import register_task
 from tether.common.config import TaskConfig
 from tether.common.errors import ConfigError, TaskDataError
@@ -129,14 +129,7 @@ class JsonlTask(Task):
             held_out = load_rows(Path(eval_path), default_kind)
             pool = rows
         else:
-            if config.eval_size >= len(rows):
-                raise TaskDataError(f"{config.path}: {len(rows)} rows cannot hold out task.eval_size={config.eval_size} "
-                                    "and still leave training rows; lower task.eval_size or set task.options.eval_path")
-            order = list(range(len(rows)))
-            random.Random(f"jsonl-split:{self.seed}").shuffle(order)
-            chosen = set(order[: config.eval_size])
-            held_out = [rows[i] for i in sorted(chosen)]
-            pool = [rows[i] for i in range(len(rows)) if i not in chosen]
+            held_out, pool = hold_out(rows, config.eval_size, f"jsonl-split:{self.seed}", config.path)
         eval_texts = {prompt.text for prompt, _ in held_out}
         self._train = [prompt for prompt, _ in pool if prompt.text not in eval_texts]
         if not self._train:
