@@ -112,6 +112,7 @@ def summarize(run: dict, run_dir: Path, reward_target: float, window: int, accur
         "accuracy_curve": [{"step": s, "clock_s": round(t, 2), "accuracy": a} for t, a, s in accuracy],
         "final_trailing_reward": trailing[-1][1] if trailing else None,
         "step_s_median": statistics.median(r["step_seconds"] for r in records[1:]),
+        "wall_per_step_s": records[-1]["clock_s"] / max(1, len(records) - 1),
         "learner_compute_s_median": statistics.median(compute), "learner_wait_s_median": statistics.median(wait),
         "dropped": sum(r.get("samples_dropped", 0) for r in records),
         "received": sum(r.get("samples_received", 0) for r in records),
@@ -128,8 +129,10 @@ def _median_range(values: list[float | None]) -> tuple[float | None, float | Non
 def report(rows: list[dict], args) -> dict:
     out = {"reward_target": args.reward_target, "accuracy_target": args.accuracy_target, "rows": rows,
            "placement": {"actor_cpus": args.actor_cpus, "learner_cpus": args.learner_cpus}}
-    for key in ("time_to_reward_s", "time_to_accuracy_s", "clock_s", "step_s_median", "learner_compute_s_median",
-                "learner_wait_s_median"):
+    for row in rows:  # JSON of an older run lacks it
+        row.setdefault("wall_per_step_s", row["clock_s"] / max(1, row["steps"] - 1))
+    for key in ("time_to_reward_s", "time_to_accuracy_s", "clock_s", "wall_per_step_s", "step_s_median",
+                "learner_compute_s_median", "learner_wait_s_median"):
         for mode in MODES:
             out[f"{mode}_{key}"] = _median_range([r[key] for r in rows if r["mode"] == mode])
         a, b = out[f"inflight_{key}"][0], out[f"stop_the_world_{key}"][0]
@@ -145,7 +148,8 @@ def print_table(summary: dict) -> None:
     print(f"{'metric (median [min-max] over seeds)':<44} {'in-flight':>22} {'stop-the-world':>22} {'ratio':>7}")
     for key, label in (("time_to_reward_s", f"time to reward {summary['reward_target']} (s)"),
                        ("time_to_accuracy_s", f"time to held-out accuracy {summary['accuracy_target']} (s)"),
-                       ("clock_s", "time for all steps (s)"), ("step_s_median", "step time (s)"),
+                       ("clock_s", "time for all steps (s)"), ("wall_per_step_s", "wall-clock per step (s)"),
+                       ("step_s_median", "learner step time (s)"),
                        ("learner_compute_s_median", "learner compute per step (s)"),
                        ("learner_wait_s_median", "learner wait for rollouts per step (s)")):
         ratio = summary[f"ratio_{key}"]
