@@ -34,6 +34,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tether.common.net import free_port
+
 MODELS = {
     "tiny": {"vocab": 257, "groups": 8, "group_size": 8, "prompt_len": 32, "max_tokens": 64, "micro_batch": 16},
     "150k": {"vocab": 151936, "groups": 4, "group_size": 4, "prompt_len": 96, "max_tokens": 32, "micro_batch": 8},
@@ -167,14 +169,6 @@ def _run_row(spec: dict, timeout: float) -> dict:
     return json.loads(lines[-1])
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3, help="timed optimizer steps per row (after one warm-up)")
@@ -198,7 +192,7 @@ def main() -> None:
         for variant, chunk in VARIANTS.items():
             spec = {"model": model, "model_dir": str(model_dir), "variant": variant, "chunk_mb": chunk,
                     "steps": args.steps, "threads": args.threads, "work": str(work / f"{model}-{len(rows)}"),
-                    "port": _free_port()}
+                    "port": free_port()}
             print(f"[bench_learner] {model} / {variant} ...", flush=True)
             rows.append(_run_row(spec, args.timeout))
     _print(rows, device)

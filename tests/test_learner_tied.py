@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -24,6 +23,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from tether.common.messages import SamplingSpec, TensorSpec
+from tether.common.net import free_port
 from tether.common.weight_group import WeightReceiver, join_weight_group
 
 pytestmark = pytest.mark.slow
@@ -31,12 +31,6 @@ torch.set_num_threads(1)
 
 STEPS = 3
 EMBED = "model.embed_tokens.weight"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +82,7 @@ def run(tied_dir, rollouts_file, tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
     run_dir = tmp_path_factory.mktemp("tied-run")
-    port = _free_port()
+    port = free_port()
     store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
     # What the publisher should send, in state-dict order: the tied matrix once, fp32; the body in bf16.
     state = AutoModelForCausalLM.from_pretrained(str(tied_dir)).state_dict()
@@ -130,7 +124,7 @@ def _overrides(run_dir, tied_dir, rollouts_file, **extra) -> list[str]:
 
 
 def _torchrun(overrides: list[str]) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
            "-m", "tether.learner", *overrides]
     proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=300)
