@@ -9,7 +9,6 @@ and the books must show every acked rollout trained on exactly once or dropped s
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -39,6 +38,19 @@ def _steps_logged(run_dir: Path) -> list[int]:
     return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
 
 
+def _daemons_of(run_dir: Path) -> list[str]:
+    """Command lines of live processes that name `run_dir` (its daemons use its config)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # not a process, or gone meanwhile
+            continue
+        if "tether." in cmdline and str(run_dir) in cmdline and "pytest" not in cmdline:
+            found.append(cmdline)
+    return found
+
+
 def test_ctrl_c_then_resume_finishes_the_run_exactly_once(tmp_path, tiny_model_dir):
     from tether.launch.chaos import audit
 
@@ -56,8 +68,7 @@ def test_ctrl_c_then_resume_finishes_the_run_exactly_once(tmp_path, tiny_model_d
     assert "interrupted" in console
     interrupted_at = max(_steps_logged(run_dir))
     assert interrupted_at < STEPS
-    assert not [p for p in os.popen("pgrep -f 'tether.learner|tether.actor|tether.broker'").read().split()
-                if str(run_dir) in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]  # no orphans
+    assert not _daemons_of(run_dir)  # no orphans
 
     resumed = subprocess.run(_demo_command(run_dir, tiny_model_dir, "--resume"), cwd=tmp_path, capture_output=True,
                              text=True, timeout=900, check=False)
