@@ -9,7 +9,9 @@ behind everything already buffered or granted, it would reach the learner within
 
 where `next_step` is the learner's version for the next batch it has not been served yet. While
 fewer than one step's rollouts are outstanding a grant is always possible (the learner must never
-starve), and outstanding rollouts never exceed the buffer's capacity. So the learner's pace sets the
+starve) unless the actor is already more than `max_lag` behind the learner's version now: whatever
+it generated would be dropped as stale, so it waits for its update. Outstanding rollouts never
+exceed the buffer's capacity. So the learner's pace sets the
 actors' pace: a slow learner makes actors wait instead of generating rollouts that would be
 dropped as stale, and a learner that stops (or restarts) stops generation.
 
@@ -88,12 +90,15 @@ class Admission:
         self._version_grants = (version, max(0, count - released))
 
     def serve(self, *, buffered: int, next_step: int, latest_version: int,
-              actor_version: Callable[[str], int | None], max_version: int | None = None) -> list[Grant]:
+              actor_version: Callable[[str], int | None], max_version: int | None = None,
+              learner_version: int | None = None) -> list[Grant]:
         """Grant what the rules allow to parked requests, taking turns between actors.
 
         `max_version`: no actor holds a version above it (None: unknown). The broker serves after
         every message; while the learner is behind, nobody can be granted anything, and this bound
-        says so without asking every parked actor for its version.
+        says so without asking every parked actor for its version. `learner_version`: the learner's
+        version now (None: `next_step`); a group that would be stale even if trained on right now
+        is never granted.
         """
         policy = self.policy
         if self._version_grants[0] != latest_version:
@@ -101,7 +106,8 @@ class Admission:
         if not self.parked:
             return []
         outstanding = buffered + self.granted_groups * policy.group_size
-        if not self._may_admit(outstanding, next_step, latest_version, max_version):
+        now = next_step if learner_version is None else learner_version
+        if not self._may_admit(outstanding, next_step, now, latest_version, max_version):
             self._turn %= len(self.parked)  # as the loop below does: the next turn starts where it would have
             return []
         grants: list[Grant] = []
@@ -115,7 +121,7 @@ class Admission:
                 continue  # holds no weights of the current lineage: nothing it makes is usable
             parked = self.parked[actor_id]
             n = 0
-            while n < parked.request.groups and self._admits(outstanding, next_step, latest_version, version):
+            while n < parked.request.groups and self._admits(outstanding, next_step, now, latest_version, version):
                 n += 1
                 outstanding += policy.group_size
                 if policy.mode == "stop_the_world":
@@ -134,7 +140,8 @@ class Admission:
             self._turn += 1
         return grants
 
-    def _may_admit(self, outstanding: int, next_step: int, latest_version: int, max_version: int | None) -> bool:
+    def _may_admit(self, outstanding: int, next_step: int, now: int, latest_version: int,
+                   max_version: int | None) -> bool:
         """False only when `_admits` is false for every version up to `max_version` (any version
         when the reason does not depend on it): versions only help, a newer one never hurts."""
         policy = self.policy
@@ -142,17 +149,19 @@ class Admission:
             return False
         if policy.mode == "stop_the_world":
             return self._version_grants[1] < policy.groups_per_step
-        if outstanding < policy.rollouts_per_step or max_version is None:
+        if max_version is None:
             return True
-        return self._admits(outstanding, next_step, latest_version, max_version)
+        return self._admits(outstanding, next_step, now, latest_version, max_version)
 
-    def _admits(self, outstanding: int, next_step: int, latest_version: int, version: int) -> bool:
+    def _admits(self, outstanding: int, next_step: int, now: int, latest_version: int, version: int) -> bool:
         policy = self.policy
         if outstanding + policy.group_size > max(policy.capacity, policy.group_size):
             return False
         if policy.mode == "stop_the_world":
             return version == latest_version and self._version_grants[1] < policy.groups_per_step
         if outstanding < policy.rollouts_per_step:
-            return True  # never starve the learner
+            # Never starve the learner, but never for nothing: a group that would be stale even if
+            # trained on right now waits for its actor's update instead of being generated and dropped.
+            return now - version <= policy.max_lag
         consumed_at = next_step + outstanding // policy.rollouts_per_step
         return consumed_at - version <= policy.max_lag

@@ -344,7 +344,8 @@ class BrokerState:
         next_step = self.book.learner_version + (0 if learner_waiting else 1)
         for grant in self.admission.serve(buffered=self.ledger.depth, next_step=next_step,
                                           latest_version=self.book.latest_version,
-                                          actor_version=self.book.actor_version, max_version=self.book.max_held):
+                                          actor_version=self.book.actor_version, max_version=self.book.max_held,
+                                          learner_version=self.book.learner_version):
             out.append(Outgoing(grant.identity, grant.record, grant.msg_id))
         if nudge or not self.updates.nudge_idle:
             self.updates.maybe_nudge(self.members.learner(), self.members.actors(), self.book, self._sender(out))

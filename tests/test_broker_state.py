@@ -530,10 +530,11 @@ def test_grants_follow_the_actors_version_and_the_rest_stays_parked():
     h.learner()
     h.actor("a0")
     epoch = addressed(h.publish(3), WeightUpdate)["a0"].epoch
-    # a0 still holds 0: beyond the starvation floor, a group would reach the learner at version 5.
-    assert _grants(h.send("a0", GenerationRequest(seq=1, groups=5))) == 1
-    out = h.report("a0", 3, epoch)  # now at 3: one more group fits within max_lag 2 (5 - 3)
-    assert _grants(out) == 1 and h.state.admission.parked["a0"].request.groups == 3
+    # a0 still holds 0 and the next batch trains version 3 -> 4: even the first group would be stale
+    # on arrival (lag 4 > max_lag 2), so nothing is granted until a0 loads the update
+    assert _grants(h.send("a0", GenerationRequest(seq=1, groups=5))) == 0
+    out = h.report("a0", 3, epoch)  # now at 3: groups consumed at 4 and 5 fit within max_lag 2
+    assert _grants(out) == 2 and h.state.admission.parked["a0"].request.groups == 3
 
 
 def test_a_dead_actors_grants_are_released():
