@@ -19,7 +19,7 @@ import asyncio
 
 from tether.actor.broker_link import ActorLink
 from tether.actor.engine import ActorEngine, WeightUpdateError
-from tether.actor.rollouts import GroupGenerator, RolloutPump
+from tether.actor.rollouts import GroupGenerator, RolloutPump, actor_seed
 from tether.common.config.run import RunConfig
 from tether.common.device import resolve_device
 from tether.common.logging import get_logger
@@ -105,11 +105,12 @@ class ActorDaemon:
         await asyncio.to_thread(self.link.register, self.config.broker.connect_timeout_s)
         tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         generator = GroupGenerator(self.engine, self.task, tokenizer, self.config.actor.sampling, self.actor_id,
-                                   seed=self.config.run.seed)
+                                   seed=actor_seed(self.config.run.seed, self.actor_id))
         self.pump = RolloutPump(generator, self.link, self.config.actor.max_groups_in_flight)
         weights = asyncio.ensure_future(self._weights_loop())
         try:
-            rollouts = asyncio.ensure_future(self.pump.run(self.task.train_prompts(self.config.task.seed), max_groups))
+            prompts = self.task.train_prompts(actor_seed(self.config.task.seed, self.actor_id))
+            rollouts = asyncio.ensure_future(self.pump.run(prompts, max_groups))
             done, _ = await asyncio.wait({rollouts, weights}, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
                 task.result()  # re-raise a failure

@@ -204,3 +204,14 @@ def test_eval_cli_names_a_bad_task_or_override_before_starting_an_engine(tmp_pat
     with pytest.raises(SystemExit):
         main(["--model", str(tmp_path), "task.eval_sise=3"])
     assert "task.eval_sise" in capsys.readouterr().err
+
+
+def test_actors_of_one_run_draw_different_prompts_the_same_actor_the_same_ones():
+    from tether.actor.rollouts import actor_seed
+
+    task = build_task(TaskConfig(name="arithmetic", eval_size=200, seed=0))
+    seeds = {actor_id: actor_seed(0, actor_id) for actor_id in ("actor-0", "actor-1", "actor-2")}
+    assert len(set(seeds.values())) == 3 and all(0 <= s < 2**63 for s in seeds.values())
+    assert actor_seed(0, "actor-0") == seeds["actor-0"] != actor_seed(1, "actor-0")
+    streams = {a: [p.text for p in itertools.islice(task.train_prompts(s), 16)] for a, s in seeds.items()}
+    assert len(set(streams["actor-0"]) & set(streams["actor-1"])) < 8  # independent draws from 1400 problems

@@ -41,7 +41,8 @@ class TaskConfig(Section):
     eval_size: int = 200
     """Held-out prompts used for greedy accuracy."""
     seed: int = 0
-    """Seed of the task's prompt order and train/eval split."""
+    """Seed of the task's train/eval split and of its prompt order; each actor mixes in its actor_id
+    (actor.rollouts.actor_seed), so the actors of a run draw different prompts."""
     options: dict[str, str] = field(default_factory=dict)
     """Task-specific options, e.g. {max_operand: "99"} for arithmetic."""
     reward: Any = ""

@@ -26,7 +26,8 @@ class RunSection(Section):
     dir: str = "runs/tether"
     """Run directory: resolved configs, logs, metrics, checkpoints."""
     seed: int = 0
-    """Seed for everything not seeded more specifically (learner init, data order)."""
+    """Seed for everything not seeded more specifically (learner init, data order, the actors'
+    per-completion sampling seeds, which mix in each actor's actor_id)."""
     log_level: str = "info"
     """debug, info, warning or error (console and JSON lines alike)."""
     device: str = "auto"
