@@ -2,7 +2,11 @@
 
 1. Build (or reuse) the embedded tiny model and measure its held-out greedy accuracy with vLLM V1.
 2. Train it with the whole system: a broker, N actors (vLLM V1, in-flight weight updates) and a
-   torchrun learner of R ranks (FSDP2), with live progress from the learner's metrics.
+   torchrun learner of R ranks (FSDP2), with live progress from the learner's metrics. Unless told
+   otherwise (placement.*, --actor-cpus/--learner-cpus, --shared-cpus), actors and learner run on
+   disjoint halves of the machine's CPUs, standing in for the separate GPUs they have on a cluster:
+   sharing every core, each would wait for the other's time slices and in-flight updates could not
+   overlap generation with training.
 3. Measure the trained model's held-out greedy accuracy the same way, plot the run's metrics,
    audit a sample of the archived rollouts against the kept checkpoints (tether audit) and write a
    summary.
@@ -27,7 +31,7 @@ from pathlib import Path
 
 from tether.common.config import RunConfig, load_config, load_config_or_exit, save_resolved
 from tether.common.logging import configure_logging, get_logger
-from tether.launch.placement import plan
+from tether.launch.placement import format_ids, parse_ids, plan, split
 from tether.launch.plot import plot_metrics
 from tether.launch.supervisor import ProcessSpec, Supervisor
 
@@ -44,20 +48,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="run config YAML (default: configs/demo.yaml)")
     parser.add_argument("--run-dir", help="run directory (overrides run.dir)")
     parser.add_argument("--actors", type=int, default=2, help="actor daemons (default 2)")
-    parser.add_argument("--learner-ranks", type=int, default=2, help="torchrun learner ranks (default 2)")
+    parser.add_argument("--learner-ranks", type=int,
+                        help="torchrun learner ranks (default: 2, or one per learner CPU up to 2 when pinned)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run directory's training instead of starting it afresh")
     parser.add_argument("--no-eval", action="store_true", help="skip the vLLM accuracy evaluations")
     parser.add_argument("--actor-cpus", help="pin the actors to these CPUs, e.g. 0 (placement.actor_cpus)")
     parser.add_argument("--learner-cpus", help="pin the learner to these CPUs, e.g. 1 (placement.learner_cpus)")
+    parser.add_argument("--shared-cpus", action="store_true",
+                        help="let actors and learner share every CPU instead of the default disjoint halves")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
-    if args.actors < 1 or args.learner_ranks < 1:
+    if args.actors < 1 or (args.learner_ranks is not None and args.learner_ranks < 1):
         parser.error("--actors and --learner-ranks must be >= 1")
 
     overrides = list(args.overrides) + ([f"run.dir={args.run_dir}"] if args.run_dir else [])
     overrides += [f"placement.{k}={v}" for k, v in (("actor_cpus", args.actor_cpus), ("learner_cpus", args.learner_cpus)) if v]
     config = load_config_or_exit(parser, args.config, overrides)
+    pinned = [] if args.shared_cpus else default_cpu_placement(config.placement, _own_cpus())
+    if pinned:
+        overrides += pinned
+        config = load_config_or_exit(parser, args.config, overrides)
+    if args.learner_ranks is None:
+        learner_cpus = parse_ids(config.placement.learner_cpus)
+        args.learner_ranks = min(2, len(learner_cpus)) if learner_cpus else 2
     try:  # fail before any model is built when the placement cannot fit this machine
         plan(config.placement, actors=args.actors, learner_ranks=args.learner_ranks,
              tensor_parallel_size=config.actor.engine.tensor_parallel_size)
@@ -110,6 +124,23 @@ def main(argv: list[str] | None = None) -> int:
     log.info("demo finished", **summary)
     _print_summary(summary)
     return 0
+
+
+def default_cpu_placement(placement, cpus: list[int]) -> list[str]:
+    """The demo's placement overrides when the config names no CPUs: actors on the lower half of
+    `cpus`, the learner on the upper half (the larger half when the count is odd), as actors and
+    learner each have their own GPUs on a cluster. Nothing when placement.* names CPUs already, or with
+    fewer than 2 CPUs (nothing to split)."""
+    if placement.actor_cpus or placement.learner_cpus or len(cpus) < 2:
+        return []
+    lower, upper = split(sorted(cpus), 2)
+    if len(cpus) % 2:  # split() puts the extra CPU in the lower share: give it to the learner
+        lower, upper = lower[:-1], lower[-1:] + upper
+    return [f"placement.actor_cpus={format_ids(lower)}", f"placement.learner_cpus={format_ids(upper)}"]
+
+
+def _own_cpus() -> list[int]:
+    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
 
 
 def _clear_training_state(run_dir: Path) -> None:
@@ -232,7 +263,10 @@ def actor_spec(config: RunConfig, run_config_path: Path, actor_id: str, restarts
 def _train(config: RunConfig, run_config_path: Path, actors: int, learner_ranks: int) -> list[dict]:
     """Run the daemons until the learner finishes; return the learner's metrics records."""
     metrics_path = Path(config.run.dir) / "metrics.jsonl"
-    print(f"[tether] training: a broker, {actors} actor(s) and a {learner_ranks}-rank learner "
+    placed = config.placement
+    where = (f"; actors on CPUs {placed.actor_cpus}, learner on CPUs {placed.learner_cpus}"
+             if placed.actor_cpus and placed.learner_cpus else "")
+    print(f"[tether] training: a broker, {actors} actor(s) and a {learner_ranks}-rank learner{where} "
           f"(their logs: {Path(config.run.dir) / 'logs'}/)", file=sys.stderr)
     with Supervisor(grace_seconds=15.0) as supervisor:
         children = [supervisor.start(spec) for spec in daemon_specs(config, run_config_path, actors, learner_ranks)]

@@ -43,6 +43,18 @@ def test_actor_cpus_are_split_or_shared_and_the_learner_gets_threads_per_rank():
     assert shared.learner == Placement() and shared.broker == Placement()
 
 
+def test_the_demo_splits_the_cpus_unless_the_config_names_some():
+    from tether.launch.demo import default_cpu_placement
+
+    assert default_cpu_placement(PlacementConfig(), [0, 1]) == ["placement.actor_cpus=0", "placement.learner_cpus=1"]
+    assert default_cpu_placement(PlacementConfig(), [4, 5, 6]) == ["placement.actor_cpus=4",
+                                                                   "placement.learner_cpus=5-6"]
+    assert default_cpu_placement(PlacementConfig(), list(range(8))) == ["placement.actor_cpus=0-3",
+                                                                        "placement.learner_cpus=4-7"]
+    assert default_cpu_placement(PlacementConfig(), [3]) == []  # one CPU: nothing to split
+    assert default_cpu_placement(PlacementConfig(learner_cpus="1"), [0, 1]) == []  # the config decides
+
+
 def test_actor_gpus_are_contiguous_tensor_parallel_sets():
     result = plan(PlacementConfig(actor_gpus="2-5", learner_gpus="0-1"), actors=2, learner_ranks=2,
                   tensor_parallel_size=2, available_cpus={0})
