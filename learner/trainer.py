@@ -53,6 +53,7 @@ from tether.learner.publish import (
     broadcast_flags,
     broadcast_int,
 )
+from tether.learner.schedule import learning_rate
 from tether.learner.sinks import build_sinks
 from tether.learner.source import BatchSource
 
@@ -199,6 +200,9 @@ class Learner:
             )
         for name in _CARRIED:
             m.add(name, carried.sums.get(name, 0.0))
+        lr = self.learning_rate()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.version += 1
@@ -210,10 +214,17 @@ class Learner:
         seconds = time.perf_counter() - started
         self.dropped_total += int(g.sums["samples_dropped"])
         record = self._record(g, grad_norm, seconds, skips)
+        record["lr"] = lr
         if self.writer is not None:
             self.writer.write(record)
             log.info("step", **{k: (round(v, 6) if isinstance(v, float) else v) for k, v in record.items() if not k.startswith("mixed_")})
         return record
+
+    def learning_rate(self) -> float:
+        """The learning rate of the next optimizer step (learner.lr_schedule at this version)."""
+        cfg = self.config.learner
+        return learning_rate(self.version, lr=cfg.lr, steps=cfg.steps, schedule=cfg.lr_schedule,
+                             warmup_steps=cfg.warmup_steps, min_lr_ratio=cfg.min_lr_ratio)
 
     def _forward_backward(self):
         """Fetch a trainable batch and accumulate its gradients; this rank's (unreduced) metrics and

@@ -201,3 +201,17 @@ def test_persistent_nonfinite_gradients_stop_the_run(setup, tmp_path):
     assert learner.version == 0
     for name, value in _params(learner).items():
         torch.testing.assert_close(value, before[name], atol=0, rtol=0)
+
+
+def test_each_step_uses_the_scheduled_learning_rate_and_reports_it(setup, tmp_path):
+    """lr_schedule=linear over 3 steps: 1e-3, 5e-4, 0, each in the optimizer when it stepped; the last
+    step (lr 0) leaves the weights as they were."""
+    learner = _learner(setup, tmp_path, **{"learner.steps": 3, "learner.lr_schedule": "linear"})
+    rows = [learner.step() for _ in range(2)]
+    assert [r["lr"] for r in rows] == pytest.approx([1e-3, 5e-4])
+    assert learner.optimizer.param_groups[0]["lr"] == pytest.approx(5e-4)
+    before = _params(learner)
+    assert learner.step()["lr"] == 0.0
+    after = _params(learner)
+    for name in before:
+        torch.testing.assert_close(after[name], before[name], atol=0, rtol=0, msg=name)

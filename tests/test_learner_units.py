@@ -138,3 +138,33 @@ def test_clip_gradients_zero_disables_clipping_and_reports_the_norm():
     assert total.item() == pytest.approx(1.0, rel=1e-5)
     layer = grads(float("inf"))
     assert not math.isfinite(clip_gradients(layer.parameters(), 1.0))
+
+
+def test_learning_rate_schedules_warm_up_then_decay_to_the_floor_at_the_last_step():
+    from tether.learner.schedule import learning_rate
+
+    def lrs(schedule, **kw):
+        return [learning_rate(s, lr=1.0, steps=11, schedule=schedule, **kw) for s in range(11)]
+
+    assert lrs("constant") == [1.0] * 11
+    assert lrs("linear") == pytest.approx([1.0 - s / 10 for s in range(11)])
+    cosine = lrs("cosine", min_lr_ratio=0.2)
+    assert cosine[0] == pytest.approx(1.0) and cosine[5] == pytest.approx(0.6) and cosine[10] == pytest.approx(0.2)
+    assert all(a >= b for a, b in zip(cosine, cosine[1:]))
+    warm = lrs("linear", warmup_steps=4)
+    assert warm[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0]) and warm[4] == pytest.approx(1.0)
+    assert warm[10] == pytest.approx(0.0) and learning_rate(50, lr=1.0, steps=11, schedule="linear") == 0.0
+    with pytest.raises(ValueError, match="schedule"):
+        learning_rate(0, lr=1.0, steps=10, schedule="step")
+
+
+def test_config_rejects_bad_schedules():
+    from tether.common.config import load_config
+    from tether.common.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="learner.lr_schedule"):
+        load_config(None, ["learner.lr_schedule=exponential"])
+    with pytest.raises(ConfigError, match="learner.warmup_steps"):
+        load_config(None, ["learner.steps=10", "learner.warmup_steps=10"])
+    with pytest.raises(ConfigError, match="learner.min_lr_ratio"):
+        load_config(None, ["learner.min_lr_ratio=1.5"])

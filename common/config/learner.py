@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from tether.common.config.base import Section
 from tether.learner.algorithms import ADVANTAGE_STDS, AGGREGATIONS, available_algorithms
+from tether.learner.schedule import SCHEDULES
 
 
 @dataclass(kw_only=True)
@@ -23,7 +24,14 @@ class LearnerConfig(Section):
     micro_batch_size: int = 16
     """Rollouts per forward/backward on one rank."""
     lr: float = 1e-4
-    """AdamW learning rate."""
+    """AdamW learning rate (the peak, when lr_schedule decays it)."""
+    lr_schedule: str = "constant"
+    """constant, linear or cosine: after warmup_steps, keep lr or decay it to lr * min_lr_ratio at the
+    last step (learner/schedule.py). A function of the version, so a resumed run continues it."""
+    warmup_steps: int = 0
+    """Steps of linear warm-up from lr / warmup_steps to lr; 0: none."""
+    min_lr_ratio: float = 0.0
+    """Where linear and cosine decay end, as a fraction of lr (0 <= ratio <= 1)."""
     weight_decay: float = 0.0
     """AdamW weight decay."""
     grad_clip: float = 1.0
@@ -97,6 +105,9 @@ class LearnerConfig(Section):
             self.require(getattr(self, key) >= 1, key, "must be >= 1")
         self.require_choice("algorithm", tuple(available_algorithms()))
         self.require(self.lr > 0, "lr", "must be > 0")
+        self.require_choice("lr_schedule", SCHEDULES)
+        self.require(0 <= self.warmup_steps < self.steps, "warmup_steps", f"must be in [0, learner.steps) ({self.steps})")
+        self.require(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", "must be in [0, 1]")
         self.require(self.grad_clip >= 0, "grad_clip", "must be >= 0 (0 disables clipping)")
         self.require(self.max_lag >= 0, "max_lag", "must be >= 0")
         self.require(0 <= self.clip_low < 1, "clip_low", "must be in [0, 1)")
