@@ -17,6 +17,7 @@ specification. Bump `SCHEMA_VERSION` on any change a peer of the previous versio
 from __future__ import annotations
 
 import math
+import threading
 from typing import ClassVar, Literal
 
 import msgspec
@@ -151,6 +152,49 @@ def _never_decreasing_from_zero(data: bytes, n: int) -> bool:
 # ------------------------------------------------------------------------------------ rollouts
 
 
+class _Batch(threading.local):
+    deferred = False
+    """True while this thread decodes the rollouts of one message in `decode_rollouts`."""
+
+
+_batch = _Batch()
+
+
+def _contents_ok(rollouts: list[Rollout]) -> bool:
+    """Whether every rollout passes the content checks of `Rollout.__post_init__`, checked for
+    all of them at once: the same rules (token ids >= 0; logprobs finite and <= 0; versions >= 0,
+    never decreasing), with three numpy reductions per message instead of six per rollout.
+    Assumes the structural checks (dtypes, 1-D, lengths) passed."""
+    if not rollouts:
+        return True
+    ids = b"".join([data for r in rollouts for data in (r.prompt_token_ids.data, r.completion_token_ids.data)])
+    # As unsigned, a negative int32 is >= 2**31: one max checks every id of the message.
+    if ids and int(np.frombuffer(ids, dtype="<u4").max()) >= 1 << 31:
+        return False
+    logprobs = b"".join([r.logprobs.data for r in rollouts])
+    if logprobs:
+        values = np.frombuffer(logprobs, dtype="<f4")
+        if not (-math.inf < values.min() and values.max() <= 1e-4):
+            return False
+    for r in rollouts:
+        data = r.versions.data
+        if data and not _never_decreasing_from_zero(data, len(data) >> 2):
+            return False
+    return True
+
+
+def decode_rollouts(decoder: msgspec.msgpack.Decoder, raws: list) -> list[Rollout] | None:
+    """Decode each of `raws` with `decoder` (a Rollout decoder), checking the array contents once
+    for all of them; None when any rollout breaks a rule (decode them one by one, with the checks
+    per rollout, to get the exact error). Exceptions of a rollout's structural checks propagate."""
+    previous, _batch.deferred = _batch.deferred, True
+    try:
+        rollouts = [decoder.decode(raw) for raw in raws]
+    finally:
+        _batch.deferred = previous
+    return rollouts if _contents_ok(rollouts) else None
+
+
 class SamplingSpec(Record, gc=False):
     """The sampling parameters a completion was generated with; the learner replays them.
 
@@ -232,6 +276,11 @@ class Rollout(Record, gc=False):
             raise ValueError(f"logprobs has {self.logprobs.shape[0]} entries, completion has {n}")
         if _check_vector("versions", self.versions, "<i4") != n:
             raise ValueError(f"versions has {self.versions.shape[0]} entries, completion has {n}")
+        if _batch.deferred:
+            # Decoded as part of a SubmitRollouts (decode_rollouts): the array contents are checked
+            # once for the whole message there, with a few numpy calls instead of six per rollout.
+            _check_finite("reward", self.reward)
+            return
         for name in ("prompt_token_ids", "completion_token_ids"):
             ids = getattr(self, name).numpy()
             if ids.size and int(ids.min()) < 0:

@@ -10,6 +10,9 @@ unknown kind or a wrong schema is reported as such, never as a confusing body er
 
 A SubmitRollouts body is decoded one rollout at a time, keeping each rollout's bytes as sent
 (`Message.raw_rollouts`): the broker journals those bytes instead of encoding every rollout again.
+The contents of the rollouts' arrays are checked once for the whole message (see
+`messages.decode_rollouts`); when any check fails, the body is decoded again rollout by rollout
+with every check in place, so the error names the rollout and the rule exactly as before.
 """
 
 from __future__ import annotations
@@ -20,7 +23,14 @@ from dataclasses import dataclass
 import msgspec
 
 from tether.common.errors import WireDecodeError
-from tether.common.messages import BODY_TYPES, SCHEMA_VERSION, Record, Rollout, SubmitRollouts
+from tether.common.messages import (
+    BODY_TYPES,
+    SCHEMA_VERSION,
+    Record,
+    Rollout,
+    SubmitRollouts,
+    decode_rollouts,
+)
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -120,7 +130,8 @@ def _decode_submit_raw(body: msgspec.Raw) -> tuple[SubmitRollouts, list[msgspec.
     report the problem exactly as a whole-body decode always has."""
     try:
         raws = _RAW_SUBMIT_DECODER.decode(body).rollouts
-        return SubmitRollouts(rollouts=[_ROLLOUT_DECODER.decode(raw) for raw in raws]), raws
+        rollouts = decode_rollouts(_ROLLOUT_DECODER, raws)
+        return (SubmitRollouts(rollouts=rollouts), raws) if rollouts is not None else None
     except _DECODE_FAILURES:
         return None
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 
 import msgspec
 import numpy as np
@@ -346,3 +347,94 @@ def test_every_record_field_is_documented_and_the_protocol_document_is_current()
     document = Path(__file__).resolve().parents[1] / "docs" / "wire-protocol.md"
     assert document.read_text() == refresh(document.read_text()), \
         "docs/wire-protocol.md is stale: python -m tether.common.wire_reference --write docs/wire-protocol.md"
+
+
+# ----------------------------------------------------------------------------- checks per message
+
+def _submit_data(bodies: list[dict]) -> bytes:
+    return msgspec.msgpack.encode(dict(kind="submit_rollouts", schema=m.SCHEMA_VERSION, sender="s", msg_id="1",
+                                       body={"rollouts": bodies}))
+
+
+def _reference_outcome(bodies: list[dict]) -> str:
+    """What decoding the message rollout by rollout, every check in each Rollout, gives: "ok" or
+    the error text a whole-body decode reports."""
+    try:
+        msgspec.msgpack.Decoder(m.SubmitRollouts).decode(msgspec.msgpack.encode({"rollouts": bodies}))
+    except (msgspec.ValidationError, ValueError) as exc:
+        return f"submit_rollouts body: {wire._with_root(str(exc))}"
+    return "ok"
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(
+    st.lists(st.integers(-3, 2**31 - 1), max_size=4),                       # prompt ids
+    st.lists(st.tuples(st.integers(-2, 2**31 - 1),                         # completion id
+                       st.sampled_from([-1.0, 0.0, -0.0, 1e-4, 5e-5, 0.5, float("nan"), float("inf"),
+                                        float("-inf"), -1e30]),                # logprob
+                       st.integers(-1, 3)), max_size=4),                     # version
+), min_size=1, max_size=5))
+def test_checking_the_contents_per_message_accepts_and_refuses_exactly_what_per_rollout_checks_do(specs):
+    """wire.decode checks the arrays of a SubmitRollouts once for all its rollouts: same verdict, and on a
+    refusal the same error (naming the first bad rollout), as the checks in each Rollout."""
+    bodies = []
+    for i, (prompt, completion) in enumerate(specs):
+        body = _body(m.Rollout(**_rollout(rollout_id=f"r{i}")))
+        body["prompt_token_ids"] = _body(m.int32_array(prompt))
+        body["completion_token_ids"] = _body(m.int32_array([c[0] for c in completion]))
+        body["logprobs"] = _body(m.float32_array([c[1] for c in completion]))
+        body["versions"] = _body(m.int32_array(sorted(c[2] for c in completion)) if i % 2 else
+                                 m.int32_array([c[2] for c in completion]))
+        bodies.append(body)
+    expected = _reference_outcome(bodies)
+    if expected == "ok":
+        message = wire.decode(_submit_data(bodies))
+        assert [bytes(msgspec.msgpack.encode(r)) for r in message.body.rollouts] == \
+            [msgspec.msgpack.encode(b) for b in bodies]
+    else:
+        with pytest.raises(WireDecodeError) as raised:
+            wire.decode(_submit_data(bodies))
+        assert str(raised.value) == expected
+    assert not m._batch.deferred
+
+
+@pytest.mark.parametrize("change", [
+    {"prompt_token_ids": {"dtype": "<i4", "shape": [1], "data": np.array([-3], "<i4").tobytes()}},
+    {"completion_token_ids": {"dtype": "<i4", "shape": [2], "data": np.array([1, -2**31], "<i4").tobytes()}},
+    {"logprobs": {"dtype": "<f4", "shape": [2], "data": np.array([-1, np.nan], "<f4").tobytes()}},
+    {"versions": {"dtype": "<i4", "shape": [2], "data": np.array([-1, -1], "<i4").tobytes()}},
+    {"group_size": 0},
+])
+@pytest.mark.parametrize("position", [0, 1, 3])
+def test_a_rollout_breaking_a_content_rule_is_named_wherever_it_is_in_the_message(change, position):
+    good = _body(m.Rollout(**_rollout()))
+    bodies = [good] * 4
+    bodies[position] = good | change
+    with pytest.raises(WireDecodeError) as raised:
+        wire.decode(_submit_data(bodies))
+    assert f"$.body.rollouts[{position}]" in str(raised.value)
+    assert str(raised.value) == _reference_outcome(bodies)
+
+
+def test_rollouts_built_outside_a_message_decode_are_checked_on_their_own():
+    """The per-message deferral is for the decoder only (and per thread): direct construction and
+    other decoders still check every rollout, also after a message failed to decode."""
+    bad_ids = m.int32_array([-1])
+    with pytest.raises(WireDecodeError):
+        wire.decode(_submit_data([_body(m.Rollout(**_rollout())) | {"prompt_token_ids": _body(bad_ids)}]))
+    with pytest.raises(ValueError, match="negative token id"):
+        m.Rollout(**_rollout(prompt_token_ids=bad_ids))
+    with pytest.raises(msgspec.ValidationError, match="negative token id"):
+        msgspec.msgpack.Decoder(m.Rollout).decode(msgspec.msgpack.encode(_body(m.Rollout(**_rollout())) |
+                                                                          {"prompt_token_ids": _body(bad_ids)}))
+    seen = []
+
+    class Spy:
+        def decode(self, raw):  # runs with the deferral on in this thread; another thread must not see it
+            worker = threading.Thread(target=lambda: seen.append(m._batch.deferred))
+            worker.start()
+            worker.join()
+            return msgspec.msgpack.Decoder(m.Rollout).decode(raw)
+
+    assert m.decode_rollouts(Spy(), [msgspec.msgpack.encode(m.Rollout(**_rollout()))]) is not None
+    assert seen == [False] and not m._batch.deferred
