@@ -416,8 +416,8 @@ class BrokerState:
             return
         invalid: list[RolloutRejection] = []
         valid: list[Rollout] = []
-        for rollout in rollouts:
-            problem = self.rules.problem(rollout, peer.peer_id, self.book.latest_version)
+        for rollout, problem in zip(rollouts, self.rules.problems(rollouts, peer.peer_id, self.book.latest_version),
+                                    strict=True):
             if problem is None:
                 valid.append(rollout)
             else:
