@@ -438,3 +438,43 @@ def test_rollouts_built_outside_a_message_decode_are_checked_on_their_own():
 
     assert m.decode_rollouts(Spy(), [msgspec.msgpack.encode(m.Rollout(**_rollout()))]) is not None
     assert seen == [False] and not m._batch.deferred
+
+
+def _array_body(dtype: str, shape: list, nbytes: int) -> dict:
+    return {"dtype": dtype, "shape": shape, "data": b"\0" * nbytes}
+
+
+_ARRAY_VARIANTS = st.sampled_from([
+    ("<i4", [2], 8), ("<i4", [3], 8), ("<i4", [2], 12), ("<i4", [-2], 0), ("<i4", [2, 1], 8), ("<i4", [], 4),
+    ("<i4", [1, 2, 1, 1, 1], 8), ("<f4", [2], 8), ("<i8", [2], 16), ("<i2", [2], 4), ("|u1", [8], 8),
+    ("<i4", [m.MAX_TOKENS_PER_SEQUENCE + 1], 4 * (m.MAX_TOKENS_PER_SEQUENCE + 1)), ("<i4", [0], 0),
+])
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.fixed_dictionaries({}, optional={
+    "rollout_id": st.sampled_from(["", "x" * 256, "x" * 257]),
+    "task": st.sampled_from(["", "t", "y" * 257]),
+    "group_size": st.sampled_from([0, 1, m.MAX_GROUP_SIZE, m.MAX_GROUP_SIZE + 1, -1]),
+    "reward": st.sampled_from([0.0, float("nan"), float("inf"), -float("inf"), -1e300]),
+    "prompt_token_ids": _ARRAY_VARIANTS,
+    "completion_token_ids": _ARRAY_VARIANTS,
+    "logprobs": _ARRAY_VARIANTS.map(lambda v: ("<f4" if v[0] == "<i4" else v[0], *v[1:])),
+    "versions": _ARRAY_VARIANTS,
+}), min_size=1, max_size=4))
+def test_the_per_message_structure_check_accepts_and_refuses_exactly_what_the_record_checks_do(changes):
+    """Decoding a SubmitRollouts replaces the Rollout and Array checks by one yes/no per rollout
+    (messages._shape_ok): it must agree with them on every id, size, dtype and shape rule."""
+    bodies = []
+    for i, change in enumerate(changes):
+        body = _body(m.Rollout(**_rollout(rollout_id=f"r{i}")))
+        for key, value in change.items():
+            body[key] = _array_body(*value) if isinstance(value, tuple) else value
+        bodies.append(body)
+    expected = _reference_outcome(bodies)
+    if expected == "ok":
+        assert len(wire.decode(_submit_data(bodies)).body.rollouts) == len(bodies)
+    else:
+        with pytest.raises(WireDecodeError) as raised:
+            wire.decode(_submit_data(bodies))
+        assert str(raised.value) == expected
