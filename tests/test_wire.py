@@ -478,3 +478,15 @@ def test_the_per_message_structure_check_accepts_and_refuses_exactly_what_the_re
         with pytest.raises(WireDecodeError) as raised:
             wire.decode(_submit_data(bodies))
         assert str(raised.value) == expected
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_an_envelope_encodes_to_the_bytes_of_its_body_wrapped_in_it(data):
+    """wire.encode writes the envelope and its body in one pass: the bytes are those of an Envelope
+    holding the separately encoded body."""
+    record_type = data.draw(st.sampled_from(list(RECORD_STRATEGIES)))
+    record = data.draw(RECORD_STRATEGIES[record_type])
+    expected = msgspec.msgpack.encode(wire.Envelope(kind=record_type.KIND, schema=m.SCHEMA_VERSION, sender="p",
+                                                    msg_id="m", body=msgspec.Raw(msgspec.msgpack.encode(record))))
+    assert wire.encode(record, sender="p", msg_id="m") == expected
