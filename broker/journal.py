@@ -45,6 +45,7 @@ from tether.common.messages import Rollout
 PUT, RESTORE, DROP, LEASE, RETURN, CONSUME, SEEN, META = 1, 2, 3, 4, 5, 6, 7, 8
 _HEADER = struct.Struct("<IBI")
 _MAX_RECORD = 512 * 1024 * 1024
+_IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX")) if hasattr(os, "sysconf") else 16
 
 
 class Drop(msgspec.Struct, frozen=True):
@@ -169,6 +170,21 @@ class Journal:
         if self._fsync == "always":
             self.sync()
 
+    def _write_parts(self, parts: list) -> None:
+        """Write the concatenation of `parts` (bytes-like) without building it: writev, at most
+        IOV_MAX parts a call; a short write finishes with the rest joined."""
+        fd = self._open()
+        for start in range(0, len(parts), _IOV_MAX):
+            chunk = parts[start : start + _IOV_MAX]
+            written = os.writev(fd, chunk)
+            if written < sum(map(len, chunk)):
+                view = memoryview(b"".join(chunk))[written:]
+                while view:
+                    view = view[os.write(fd, view):]
+        self._dirty = True
+        if self._fsync == "always":
+            self.sync()
+
     def put(self, rollouts: Sequence[Rollout], raw: Sequence[bytes | msgspec.Raw | None] | None = None) -> None:
         """PUT records, one write. `raw[i]`, when given, is the msgpack encoding of `rollouts[i]` as
         received: it is journaled as is (replay decodes it to an equal Rollout), saving an encode."""
@@ -177,7 +193,7 @@ class Journal:
             payload = raw[i] if raw is not None and raw[i] is not None else _encoder.encode(rollout)
             parts += (_HEADER.pack(len(payload), PUT, zlib.crc32(payload)), payload)
         if parts:
-            self._write(b"".join(parts))
+            self._write_parts(parts)
 
     def drop(self, ids: list[str], reason: str, *, arrived: bool = False) -> None:
         if ids:

@@ -224,3 +224,24 @@ def test_interval_fsync_runs_in_the_background_one_at_a_time_and_close_waits_for
         journal.maybe_sync()  # the loop learns of it, as when the fsync ran inline
     monkeypatch.setattr(journal_module.os, "fsync", os.fsync)
     journal.close()
+
+
+# ----------------------------------------------------------------------------- one write per message
+
+
+@pytest.mark.parametrize("count", [1, 3, journal_module._IOV_MAX // 2 + 1])  # the last: more parts than IOV_MAX
+def test_a_message_is_journaled_in_writev_calls_and_short_writes_are_finished(tmp_path, monkeypatch, count):
+    real_writev, calls = os.writev, []
+
+    def short_writev(fd, buffers):  # the kernel may write less than asked
+        calls.append(len(buffers))
+        return real_writev(fd, list(buffers)[: max(1, len(buffers) // 3)])
+
+    monkeypatch.setattr(journal_module.os, "writev", short_writev)
+    rollouts = [make_rollout(f"r{i}", f"g{i}", tokens=i % 5) for i in range(count)]
+    journal = Journal(tmp_path / "j.bin", fsync="never")
+    journal.put(rollouts, [msgspec.Raw(msgspec.msgpack.encode(r)) if i % 2 else None for i, r in enumerate(rollouts)])
+    journal.put([make_rollout("last", "gl")])
+    journal.close()
+    assert all(n <= journal_module._IOV_MAX for n in calls) and len(calls) == -(-2 * count // journal_module._IOV_MAX) + 1
+    assert [r for _, r in Journal(tmp_path / "j.bin").replay()] == [*rollouts, make_rollout("last", "gl")]
