@@ -249,7 +249,7 @@ class BrokerState:
         if isinstance(body, Heartbeat):
             return
         if isinstance(body, SubmitRollouts):
-            self._on_submit(peer, msg_id, body.rollouts, out, message.raw_rollouts)
+            self._on_submit(peer, msg_id, body.rollouts, out, message.raw_rollouts, message.max_token_id)
         elif isinstance(body, GenerationRequest):
             self.admission.request(peer.peer_id, peer.identity, msg_id, body)
         elif isinstance(body, BatchRequest):
@@ -405,8 +405,9 @@ class BrokerState:
     # ------------------------------------------------------------------ rollouts
 
     def _on_submit(self, peer: Peer, msg_id: str, rollouts: list[Rollout], out: list[Outgoing],
-                   raw: list[msgspec.Raw] | None = None) -> None:
-        """`raw`: each rollout's bytes as received (wire.Message.raw_rollouts), journaled as they are."""
+                   raw: list[msgspec.Raw] | None = None, max_token_id: int | None = None) -> None:
+        """`raw`: each rollout's bytes as received (wire.Message.raw_rollouts), journaled as they are;
+        `max_token_id`: their largest token id, as the decoder found it (wire.Message.max_token_id)."""
         if self.book.actor_version(peer.peer_id) is None:
             self._count("rollouts_refused_not_ready", len(rollouts))
             out.append(Outgoing(peer.identity, Ack(
@@ -416,8 +417,8 @@ class BrokerState:
             return
         invalid: list[RolloutRejection] = []
         valid: list[Rollout] = []
-        for rollout, problem in zip(rollouts, self.rules.problems(rollouts, peer.peer_id, self.book.latest_version),
-                                    strict=True):
+        problems = self.rules.problems(rollouts, peer.peer_id, self.book.latest_version, max_token_id)
+        for rollout, problem in zip(rollouts, problems, strict=True):
             if problem is None:
                 valid.append(rollout)
             else:

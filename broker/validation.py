@@ -24,11 +24,15 @@ class RolloutRules:
     vocab_size: int | None
     """The model's vocabulary size (None: unknown, token ids are not range-checked)."""
 
-    def problems(self, rollouts: Sequence[Rollout], sender: str, latest_version: int) -> list[str | None]:
+    def problems(self, rollouts: Sequence[Rollout], sender: str, latest_version: int,
+                 max_token_id: int | None = None) -> list[str | None]:
         """`problem` of each rollout of one message, in order. The token ids of all of them are
         range-checked at once; only when one is out of range does each rollout get the full check
-        (which names the rollout and the id exactly as `problem` does)."""
-        vocab_checked = self.vocab_size is None or _max_token_id(rollouts) < self.vocab_size
+        (which names the rollout and the id exactly as `problem` does). `max_token_id`: the largest
+        token id of `rollouts`, when the decoder found it already (wire.Message.max_token_id)."""
+        if max_token_id is None and self.vocab_size is not None:
+            max_token_id = _max_token_id(rollouts)
+        vocab_checked = self.vocab_size is None or max_token_id < self.vocab_size
         return [self.problem(rollout, sender, latest_version, check_vocab=not vocab_checked) for rollout in rollouts]
 
     def problem(self, rollout: Rollout, sender: str, latest_version: int, *, check_vocab: bool = True) -> str | None:

@@ -188,39 +188,43 @@ def _shape_ok(r: Rollout) -> bool:
         and math.isfinite(r.reward)
 
 
-def _contents_ok(rollouts: list[Rollout]) -> bool:
+def _contents_ok(rollouts: list[Rollout]) -> int | None:
     """Whether every rollout passes the content checks of `Rollout.__post_init__`, checked for
     all of them at once: the same rules (token ids >= 0; logprobs finite and <= 0; versions >= 0,
     never decreasing), with three numpy reductions per message instead of six per rollout.
-    Assumes the structural checks (dtypes, 1-D, lengths) passed."""
-    if not rollouts:
-        return True
+    Assumes `_shape_ok` held for each. Returns the largest token id (-1: none), or None when a
+    rule is broken."""
+    max_id = -1
     ids = b"".join([data for r in rollouts for data in (r.prompt_token_ids.data, r.completion_token_ids.data)])
-    # As unsigned, a negative int32 is >= 2**31: one max checks every id of the message.
-    if ids and int(np.frombuffer(ids, dtype="<u4").max()) >= 1 << 31:
-        return False
+    if ids:
+        # As unsigned, a negative int32 is >= 2**31: one max checks every id of the message.
+        max_id = int(np.frombuffer(ids, dtype="<u4").max())
+        if max_id >= 1 << 31:
+            return None
     logprobs = b"".join([r.logprobs.data for r in rollouts])
     if logprobs:
         values = np.frombuffer(logprobs, dtype="<f4")
         if not (-math.inf < values.min() and values.max() <= 1e-4):
-            return False
+            return None
     for r in rollouts:
         data = r.versions.data
         if data and not _never_decreasing_from_zero(data, len(data) >> 2):
-            return False
-    return True
+            return None
+    return max_id
 
 
-def decode_rollouts(decoder: msgspec.msgpack.Decoder, raws: list) -> list[Rollout] | None:
+def decode_rollouts(decoder: msgspec.msgpack.Decoder, raws: list) -> tuple[list[Rollout], int] | None:
     """Decode each of `raws` with `decoder` (a Rollout decoder), checking the array contents once
-    for all of them; None when any rollout breaks a rule (decode them one by one, with the checks
-    per rollout, to get the exact error). Exceptions of a rollout's structural checks propagate."""
+    for all of them. Returns the rollouts and their largest token id (-1: none), or None when any
+    rollout breaks a rule (decode them one by one, with the checks per rollout, for the exact
+    error). A rollout's structural checks may also raise."""
     previous, _batch.deferred = _batch.deferred, True
     try:
         rollouts = [decoder.decode(raw) for raw in raws]
     finally:
         _batch.deferred = previous
-    return rollouts if _contents_ok(rollouts) else None
+    max_id = _contents_ok(rollouts)
+    return (rollouts, max_id) if max_id is not None else None
 
 
 class SamplingSpec(Record, gc=False):

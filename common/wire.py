@@ -65,6 +65,8 @@ class Message:
     body: Record
     raw_rollouts: list[msgspec.Raw] | None = None
     """SubmitRollouts: the msgpack bytes of each rollout as sent, in the order of body.rollouts."""
+    max_token_id: int | None = None
+    """SubmitRollouts: the largest prompt or completion token id of any rollout (-1: none)."""
 
 
 class _RawSubmit(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -121,7 +123,7 @@ def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Messag
         decoded = _decode_submit_raw(envelope.body)
         if decoded is not None:
             return Message(kind=envelope.kind, sender=envelope.sender, msg_id=envelope.msg_id, body=decoded[0],
-                           raw_rollouts=decoded[1])
+                           raw_rollouts=decoded[1], max_token_id=decoded[2])
     try:
         body = _BODY_DECODERS[envelope.kind].decode(envelope.body)
     except _DECODE_FAILURES as exc:
@@ -129,14 +131,14 @@ def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Messag
     return Message(kind=envelope.kind, sender=envelope.sender, msg_id=envelope.msg_id, body=body)
 
 
-def _decode_submit_raw(body: msgspec.Raw) -> tuple[SubmitRollouts, list[msgspec.Raw]] | None:
-    """The SubmitRollouts and each rollout's raw bytes, decoded one rollout at a time with the
-    same checks; None when anything is wrong, and the caller decodes the body in one piece to
-    report the problem exactly as a whole-body decode always has."""
+def _decode_submit_raw(body: msgspec.Raw) -> tuple[SubmitRollouts, list[msgspec.Raw], int] | None:
+    """The SubmitRollouts, each rollout's raw bytes and the largest token id, decoded one rollout
+    at a time with the same checks; None when anything is wrong, and the caller decodes the body in
+    one piece to report the problem exactly as a whole-body decode always has."""
     try:
         raws = _RAW_SUBMIT_DECODER.decode(body).rollouts
-        rollouts = decode_rollouts(_ROLLOUT_DECODER, raws)
-        return (SubmitRollouts(rollouts=rollouts), raws) if rollouts is not None else None
+        decoded = decode_rollouts(_ROLLOUT_DECODER, raws)
+        return (SubmitRollouts(rollouts=decoded[0]), raws, decoded[1]) if decoded is not None else None
     except _DECODE_FAILURES:
         return None
 

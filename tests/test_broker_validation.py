@@ -40,6 +40,10 @@ def test_problems_of_a_message_equal_each_rollouts_problem(vocab_size, pick):
     rollouts = _message()[pick]
     expected = [rules.problem(r, "a0", 3) for r in rollouts]
     assert rules.problems(rollouts, "a0", 3) == expected
+    # The largest token id as the decoder reports it (wire.Message.max_token_id) gives the same verdicts.
+    largest = max((int(i) for r in rollouts for a in (r.prompt_token_ids, r.completion_token_ids)
+                   for i in a.numpy()), default=-1)
+    assert rules.problems(rollouts, "a0", 3, largest) == expected
 
 
 def test_an_out_of_vocabulary_rollout_is_named_and_the_others_pass():

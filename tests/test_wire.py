@@ -391,6 +391,7 @@ def test_checking_the_contents_per_message_accepts_and_refuses_exactly_what_per_
         message = wire.decode(_submit_data(bodies))
         assert [bytes(msgspec.msgpack.encode(r)) for r in message.body.rollouts] == \
             [msgspec.msgpack.encode(b) for b in bodies]
+        assert message.max_token_id == max((i for p, c in specs for i in [*p, *(t[0] for t in c)]), default=-1)
     else:
         with pytest.raises(WireDecodeError) as raised:
             wire.decode(_submit_data(bodies))
