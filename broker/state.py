@@ -416,28 +416,35 @@ class BrokerState:
                 msg_id))
             return
         invalid: list[RolloutRejection] = []
-        valid: list[Rollout] = []
         problems = self.rules.problems(rollouts, peer.peer_id, self.book.latest_version, max_token_id)
-        for rollout, problem in zip(rollouts, problems, strict=True):
-            if problem is None:
-                valid.append(rollout)
-            else:
-                invalid.append(RolloutRejection(rollout_id=rollout.rollout_id, reason=problem))
+        if raw is None or len(raw) != len(rollouts):
+            raw = None
+        if not any(problems):
+            valid, valid_raw = rollouts, raw
+        else:
+            valid, valid_raw = [], ([] if raw is not None else None)
+            for i, (rollout, problem) in enumerate(zip(rollouts, problems, strict=True)):
+                if problem is None:
+                    valid.append(rollout)
+                    if valid_raw is not None:
+                        valid_raw.append(raw[i])
+                else:
+                    invalid.append(RolloutRejection(rollout_id=rollout.rollout_id, reason=problem))
         if invalid:
             self._count("rollouts_invalid", len(invalid))
             self.log.warning("refused invalid rollouts", peer=peer.peer_id, count=len(invalid),
                              first=invalid[0].reason)
         stale: list[Rollout] = []
         if self.policy.mode == "stop_the_world":
-            valid, stale = self._split_stale_on_arrival(valid)
-        self._note_deliveries(peer.peer_id, valid + stale)
-        if raw is not None and len(raw) == len(rollouts):
-            # `valid` is a subset of the same objects; keyed by object, not by rollout id, since one
-            # message may carry an id twice with different bytes (the second is a duplicate).
-            raw_of = {id(rollout): data for rollout, data in zip(rollouts, raw, strict=True)}
-            result = self.ledger.store(valid, [raw_of[id(rollout)] for rollout in valid])
-        else:
-            result = self.ledger.store(valid)
+            fresh, stale = self._split_stale_on_arrival(valid)
+            if stale and valid_raw is not None:
+                # Kept by position, not by rollout id: one message may carry an id twice with
+                # different bytes (the second is a duplicate).
+                stale_at = {id(rollout) for rollout in stale}
+                valid_raw = [data for rollout, data in zip(valid, valid_raw, strict=True) if id(rollout) not in stale_at]
+            valid = fresh
+        self._note_deliveries(peer.peer_id, valid + stale if stale else valid)
+        result = self.ledger.store(valid, valid_raw)
         dropped = self.ledger.drop_on_arrival(stale, "stale on arrival (stop_the_world)")
         self._unreported_drops += len(dropped.stored)
         if result.stored:
