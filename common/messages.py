@@ -163,11 +163,16 @@ _batch = _Batch()
 
 
 def _shape_ok(r: Rollout) -> bool:
-    """Whether `r` passes every check of `Rollout.__post_init__` and of its arrays'
-    `Array.__post_init__` except those on the array contents (`_contents_ok`): ids, group_size,
-    reward, and each array a 1-D vector of the right dtype whose data matches its shape. One
-    function instead of about ten calls per rollout; tests/test_wire.py holds it to the checks it
-    stands for."""
+    """Whether `r` passes every check of `Rollout.__post_init__`, of its arrays'
+    `Array.__post_init__` and of its `SamplingSpec.__post_init__`, except those on the array
+    contents (`_contents_ok`): ids, group_size, reward, sampling parameters, and each array a 1-D
+    vector of the right dtype whose data matches its shape. One function instead of about a dozen
+    calls per rollout; tests/test_wire.py holds it to the checks it stands for."""
+    sampling = r.sampling
+    temperature = sampling.temperature
+    if not (math.isfinite(temperature) and temperature > 0 and sampling.top_k >= 0 and 0.0 < sampling.top_p <= 1.0
+            and sampling.max_tokens >= 1):
+        return False
     for value in (r.rollout_id, r.group_id, r.actor_id, r.task):
         if not 0 < len(value) <= MAX_ID_LENGTH:
             return False
@@ -245,6 +250,8 @@ class SamplingSpec(Record, gc=False):
     """The per-request sampling seed (reproducibility only)."""
 
     def __post_init__(self) -> None:
+        if _batch.deferred:
+            return  # a rollout's, decoded in decode_rollouts: the rollout checks it (_shape_ok)
         _check_finite("temperature", self.temperature)
         if self.temperature <= 0:
             raise ValueError("temperature must be > 0 for sampled rollouts")

@@ -452,25 +452,40 @@ _ARRAY_VARIANTS = st.sampled_from([
 ])
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(st.fixed_dictionaries({}, optional={
+_FIELD_VARIANTS = {
     "rollout_id": st.sampled_from(["", "x" * 256, "x" * 257]),
     "task": st.sampled_from(["", "t", "y" * 257]),
     "group_size": st.sampled_from([0, 1, m.MAX_GROUP_SIZE, m.MAX_GROUP_SIZE + 1, -1]),
     "reward": st.sampled_from([0.0, float("nan"), float("inf"), -float("inf"), -1e300]),
+    "sampling": st.one_of(  # one of its fields changed (merged into the valid sampling)
+        st.fixed_dictionaries({"temperature": st.sampled_from([1.0, 0.0, -0.5, 1e-30, float("nan"), float("inf")])}),
+        st.fixed_dictionaries({"max_tokens": st.sampled_from([1, 0, -3, 4096])}),
+        st.fixed_dictionaries({"top_k": st.sampled_from([0, 5, -1])}),
+        st.fixed_dictionaries({"top_p": st.sampled_from([1.0, 0.5, 0.0, 1.5, -0.1, float("nan")])}),
+        st.fixed_dictionaries({"seed": st.sampled_from([None, 7])}),
+    ),
     "prompt_token_ids": _ARRAY_VARIANTS,
     "completion_token_ids": _ARRAY_VARIANTS,
     "logprobs": _ARRAY_VARIANTS.map(lambda v: ("<f4" if v[0] == "<i4" else v[0], *v[1:])),
     "versions": _ARRAY_VARIANTS,
-}), min_size=1, max_size=4))
+}
+
+
+# Each rollout has at most one field changed (often none), so that a message whose only flaw is
+# one rule in one rollout is common: that is where a per-message check could wrongly accept.
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(st.just({}), st.sampled_from(sorted(_FIELD_VARIANTS)).flatmap(
+    lambda key: _FIELD_VARIANTS[key].map(lambda value: {key: value}))), min_size=1, max_size=4))
 def test_the_per_message_structure_check_accepts_and_refuses_exactly_what_the_record_checks_do(changes):
-    """Decoding a SubmitRollouts replaces the Rollout and Array checks by one yes/no per rollout
-    (messages._shape_ok): it must agree with them on every id, size, dtype and shape rule."""
+    """Decoding a SubmitRollouts replaces the Rollout, Array and SamplingSpec checks by one yes/no
+    per rollout (messages._shape_ok): it must agree with them on every id, size, dtype, shape and
+    sampling rule."""
     bodies = []
     for i, change in enumerate(changes):
         body = _body(m.Rollout(**_rollout(rollout_id=f"r{i}")))
         for key, value in change.items():
-            body[key] = _array_body(*value) if isinstance(value, tuple) else value
+            body[key] = (_array_body(*value) if isinstance(value, tuple) else body[key] | value if key == "sampling"
+                         else value)
         bodies.append(body)
     expected = _reference_outcome(bodies)
     if expected == "ok":
@@ -491,3 +506,47 @@ def test_an_envelope_encodes_to_the_bytes_of_its_body_wrapped_in_it(data):
     expected = msgspec.msgpack.encode(wire.Envelope(kind=record_type.KIND, schema=m.SCHEMA_VERSION, sender="p",
                                                     msg_id="m", body=msgspec.Raw(msgspec.msgpack.encode(record))))
     assert wire.encode(record, sender="p", msg_id="m") == expected
+
+
+def _single_changes() -> list[dict]:
+    """Every single-field change the property test above draws from, one by one."""
+    from hypothesis.strategies import SearchStrategy
+
+    def values(strategy: SearchStrategy) -> list:
+        found = []
+        wrapped = getattr(strategy, "wrapped_strategy", strategy)
+        if hasattr(wrapped, "elements"):  # sampled_from
+            return list(wrapped.elements)
+        for sub in getattr(wrapped, "original_strategies", ()):  # one_of
+            found += values(sub)
+        return found
+
+    changes = []
+    for key in ("rollout_id", "task", "group_size", "reward"):
+        changes += [{key: v} for v in values(_FIELD_VARIANTS[key])]
+    for field, options in {"temperature": [1.0, 0.0, -0.5, 1e-30, float("nan"), float("inf")],
+                           "max_tokens": [1, 0, -3, 4096], "top_k": [0, 5, -1],
+                           "top_p": [1.0, 0.5, 0.0, 1.5, -0.1, float("nan")], "seed": [None, 7]}.items():
+        changes += [{"sampling": {field: v}} for v in options]
+    arrays = values(_ARRAY_VARIANTS)
+    for key in ("prompt_token_ids", "completion_token_ids", "versions"):
+        changes += [{key: v} for v in arrays]
+    changes += [{"logprobs": ("<f4" if v[0] == "<i4" else v[0], *v[1:])} for v in arrays]
+    return changes
+
+
+@pytest.mark.parametrize("change", _single_changes(), ids=repr)
+def test_each_single_rule_is_judged_per_message_as_the_record_checks_judge_it(change):
+    good = _body(m.Rollout(**_rollout()))
+    changed = dict(good)
+    for key, value in change.items():
+        changed[key] = (_array_body(*value) if isinstance(value, tuple) else good[key] | value if key == "sampling"
+                        else value)
+    bodies = [good, changed, good]
+    expected = _reference_outcome(bodies)
+    if expected == "ok":
+        assert len(wire.decode(_submit_data(bodies)).body.rollouts) == 3
+    else:
+        with pytest.raises(WireDecodeError) as raised:
+            wire.decode(_submit_data(bodies))
+        assert str(raised.value) == expected
