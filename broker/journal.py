@@ -20,7 +20,8 @@ Replay stops at the first truncated or corrupt record (a crash in the middle of 
 file is truncated there, so later appends start on a record boundary.
 
 fsync policy (`broker.journal_fsync`): the broker acks a rollout only after its PUT record has been
-handed to the OS with write(), so killing the broker process never loses an acked rollout. Whether
+handed to the OS (one writev() for the PUT records of one message), so killing the broker process
+never loses an acked rollout. Whether
 the OS has put it on disk depends on the policy: "always" fsyncs before every ack, "interval" at most
 every `journal_fsync_interval_s`, "never" leaves it to the OS (a machine crash may lose the tail).
 Under "interval" the fsync runs in a background thread: it covers everything written before it
