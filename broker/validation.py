@@ -32,8 +32,20 @@ class RolloutRules:
         token id of `rollouts`, when the decoder found it already (wire.Message.max_token_id)."""
         if max_token_id is None and self.vocab_size is not None:
             max_token_id = _max_token_id(rollouts)
-        vocab_checked = self.vocab_size is None or max_token_id < self.vocab_size
-        return [self.problem(rollout, sender, latest_version, check_vocab=not vocab_checked) for rollout in rollouts]
+        if self.vocab_size is not None and max_token_id >= self.vocab_size:
+            return [self.problem(rollout, sender, latest_version) for rollout in rollouts]
+        group_size, max_tokens = self.group_size, self.max_tokens
+        problems: list[str | None] = []
+        for rollout in rollouts:
+            # problem() is None, inline (the common case); otherwise problem() names the rule broken.
+            versions = rollout.versions.data
+            if (rollout.actor_id == sender and rollout.group_size == group_size
+                    and rollout.completion_token_ids.shape[0] <= max_tokens and rollout.sampling.max_tokens <= max_tokens
+                    and (not versions or int.from_bytes(versions[-4:], "little", signed=True) <= latest_version)):
+                problems.append(None)
+            else:
+                problems.append(self.problem(rollout, sender, latest_version, check_vocab=False))
+        return problems
 
     def problem(self, rollout: Rollout, sender: str, latest_version: int, *, check_vocab: bool = True) -> str | None:
         """Why `rollout` from `sender` is unacceptable, or None when it is fine.
