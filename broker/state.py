@@ -448,7 +448,12 @@ class BrokerState:
         dropped = self.ledger.drop_on_arrival(stale, "stale on arrival (stop_the_world)")
         self._unreported_drops += len(dropped.stored)
         if result.stored:
-            self._rate.append((self.clock(), len(result.stored)))
+            now = self.clock()
+            self._rate.append((now, len(result.stored)))
+            # Pruned here too, not only when a Status is asked for: unasked, it grew by one entry
+            # per message for as long as the broker ran.
+            while now - self._rate[0][0] > RATE_WINDOW_S:
+                self._rate.popleft()
         if result.refused:
             self._count("rollouts_refused_full", len(result.refused))
         acked = result.stored + result.duplicates + dropped.stored + dropped.duplicates
