@@ -35,6 +35,7 @@ class RolloutBuffer:
         self._info: dict[str, GroupInfo] = {}
         self._complete: OrderedDict[str, None] = OrderedDict()
         self._index: dict[str, str] = {}  # rollout id -> group id
+        self._ready = 0  # rollouts in complete groups
         # Buffered rollouts by their oldest token's version (empty completions, -1, left out).
         self._min_versions: Counter[int] = Counter()
 
@@ -47,7 +48,7 @@ class RolloutBuffer:
     @property
     def ready(self) -> int:
         """Rollouts in complete groups (what a learner could be served now)."""
-        return sum(len(self._groups[g]) for g in self._complete)
+        return self._ready
 
     def __contains__(self, rollout_id: str) -> bool:
         return rollout_id in self._index
@@ -73,21 +74,27 @@ class RolloutBuffer:
     # ---- mutation
 
     def insert(self, rollout: Rollout, now: float) -> None:
-        gid = rollout.group_id
-        group = self._groups.setdefault(gid, {})
-        replaced = group.get(rollout.rollout_id)
+        gid, rid = rollout.group_id, rollout.rollout_id
+        group = self._groups.get(gid)
+        if group is None:
+            group = self._groups[gid] = {}
+        replaced = group.get(rid)
         if replaced is not None:
             self._uncount(replaced)
-        group[rollout.rollout_id] = rollout
-        self._index[rollout.rollout_id] = gid
+        group[rid] = rollout
+        self._index[rid] = gid
         self._count(rollout)
         info = self._info.get(gid)
         if info is None:
-            self._info[gid] = GroupInfo(rollout.actor_id, rollout.group_size, now)
+            info = self._info[gid] = GroupInfo(rollout.actor_id, rollout.group_size, now)
         else:
             info.last_arrival = now
-        if len(group) >= self._info[gid].group_size:
-            self._complete.setdefault(gid, None)
+        if gid in self._complete:
+            if replaced is None:
+                self._ready += 1
+        elif len(group) >= info.group_size:
+            self._complete[gid] = None
+            self._ready += len(group)
 
     def insert_group_first(self, rollouts: list[Rollout], now: float) -> None:
         """Put a whole group back at the head of the queue (a lease taken back from a learner that
@@ -103,7 +110,9 @@ class RolloutBuffer:
     def remove_group(self, group_id: str) -> list[Rollout]:
         group = self._groups.pop(group_id, {})
         self._info.pop(group_id, None)
-        self._complete.pop(group_id, None)
+        if group_id in self._complete:
+            del self._complete[group_id]
+            self._ready -= len(group)
         for rid, rollout in group.items():
             self._index.pop(rid, None)
             self._uncount(rollout)
@@ -117,12 +126,16 @@ class RolloutBuffer:
         group = self._groups[gid]
         rollout = group.pop(rollout_id)
         self._uncount(rollout)
+        if gid in self._complete:
+            self._ready -= 1
         if not group:
             self.remove_group(gid)
         return rollout
 
     def take(self, size: int) -> list[Rollout] | None:
         """Whole complete groups totalling `size` rollouts (or one oversize group); None if not yet."""
+        if self._ready < size:
+            return None  # (an oversize group alone would make `ready` exceed size)
         chosen: list[str] = []
         total = 0
         for gid in self._complete:
@@ -141,9 +154,9 @@ class RolloutBuffer:
         return [r for gid in chosen for r in self.remove_group(gid)]
 
     def _count(self, rollout: Rollout) -> None:
-        version = rollout.min_version
-        if version >= 0:
-            self._min_versions[version] += 1
+        data = rollout.versions.data  # min_version, inline: this runs for every rollout stored
+        if data:
+            self._min_versions[int.from_bytes(data[:4], "little", signed=True)] += 1
 
     def _uncount(self, rollout: Rollout) -> None:
         version = rollout.min_version

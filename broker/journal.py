@@ -20,7 +20,8 @@ Replay stops at the first truncated or corrupt record (a crash in the middle of 
 file is truncated there, so later appends start on a record boundary.
 
 fsync policy (`broker.journal_fsync`): the broker acks a rollout only after its PUT record has been
-handed to the OS with write(), so killing the broker process never loses an acked rollout. Whether
+handed to the OS (one writev() for the PUT records of one message), so killing the broker process
+never loses an acked rollout. Whether
 the OS has put it on disk depends on the policy: "always" fsyncs before every ack, "interval" at most
 every `journal_fsync_interval_s`, "never" leaves it to the OS (a machine crash may lose the tail).
 Under "interval" the fsync runs in a background thread: it covers everything written before it
@@ -45,6 +46,7 @@ from tether.common.messages import Rollout
 PUT, RESTORE, DROP, LEASE, RETURN, CONSUME, SEEN, META = 1, 2, 3, 4, 5, 6, 7, 8
 _HEADER = struct.Struct("<IBI")
 _MAX_RECORD = 512 * 1024 * 1024
+_IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX")) if hasattr(os, "sysconf") else 16
 
 
 class Drop(msgspec.Struct, frozen=True):
@@ -169,6 +171,21 @@ class Journal:
         if self._fsync == "always":
             self.sync()
 
+    def _write_parts(self, parts: list) -> None:
+        """Write the concatenation of `parts` (bytes-like) without building it: writev, at most
+        IOV_MAX parts a call; a short write finishes with the rest joined."""
+        fd = self._open()
+        for start in range(0, len(parts), _IOV_MAX):
+            chunk = parts[start : start + _IOV_MAX]
+            written = os.writev(fd, chunk)
+            if written < sum(map(len, chunk)):
+                view = memoryview(b"".join(chunk))[written:]
+                while view:
+                    view = view[os.write(fd, view):]
+        self._dirty = True
+        if self._fsync == "always":
+            self.sync()
+
     def put(self, rollouts: Sequence[Rollout], raw: Sequence[bytes | msgspec.Raw | None] | None = None) -> None:
         """PUT records, one write. `raw[i]`, when given, is the msgpack encoding of `rollouts[i]` as
         received: it is journaled as is (replay decodes it to an equal Rollout), saving an encode."""
@@ -177,7 +194,7 @@ class Journal:
             payload = raw[i] if raw is not None and raw[i] is not None else _encoder.encode(rollout)
             parts += (_HEADER.pack(len(payload), PUT, zlib.crc32(payload)), payload)
         if parts:
-            self._write(b"".join(parts))
+            self._write_parts(parts)
 
     def drop(self, ids: list[str], reason: str, *, arrived: bool = False) -> None:
         if ids:

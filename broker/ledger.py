@@ -131,19 +131,20 @@ class Ledger:
         new: list[Rollout] = []
         new_raw: list[bytes | msgspec.Raw | None] = []
         now = self.clock()
-        batch_ids: set[str] = set()
+        buffer, leased, finished = self.buffer, self._leased_ids, self._finished
+        stored, duplicates, refused = result.stored, result.duplicates, result.refused
         for i, rollout in enumerate(rollouts):
             rid = rollout.rollout_id
-            if self.known(rid) or rid in batch_ids:
-                result.duplicates.append(rid)
-            elif not self.buffer.admits(rollout):
-                result.refused.append(rid)
+            # known(rid), inline; a second copy of an id in this message is in the buffer by now
+            if rid in buffer or rid in leased or rid in finished:
+                duplicates.append(rid)
+            elif not buffer.admits(rollout):
+                refused.append(rid)
             else:
-                self.buffer.insert(rollout, now)
-                batch_ids.add(rid)
+                buffer.insert(rollout, now)
                 new.append(rollout)
                 new_raw.append(raw[i] if raw is not None else None)
-                result.stored.append(rid)
+                stored.append(rid)
         if self.journal is not None and new:
             self.journal.put(new, new_raw)
         self.stored_total += len(new)

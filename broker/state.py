@@ -249,7 +249,7 @@ class BrokerState:
         if isinstance(body, Heartbeat):
             return
         if isinstance(body, SubmitRollouts):
-            self._on_submit(peer, msg_id, body.rollouts, out, message.raw_rollouts)
+            self._on_submit(peer, msg_id, body.rollouts, out, message.raw_rollouts, message.max_token_id)
         elif isinstance(body, GenerationRequest):
             self.admission.request(peer.peer_id, peer.identity, msg_id, body)
         elif isinstance(body, BatchRequest):
@@ -405,8 +405,9 @@ class BrokerState:
     # ------------------------------------------------------------------ rollouts
 
     def _on_submit(self, peer: Peer, msg_id: str, rollouts: list[Rollout], out: list[Outgoing],
-                   raw: list[msgspec.Raw] | None = None) -> None:
-        """`raw`: each rollout's bytes as received (wire.Message.raw_rollouts), journaled as they are."""
+                   raw: list[msgspec.Raw] | None = None, max_token_id: int | None = None) -> None:
+        """`raw`: each rollout's bytes as received (wire.Message.raw_rollouts), journaled as they are;
+        `max_token_id`: their largest token id, as the decoder found it (wire.Message.max_token_id)."""
         if self.book.actor_version(peer.peer_id) is None:
             self._count("rollouts_refused_not_ready", len(rollouts))
             out.append(Outgoing(peer.identity, Ack(
@@ -415,32 +416,44 @@ class BrokerState:
                 msg_id))
             return
         invalid: list[RolloutRejection] = []
-        valid: list[Rollout] = []
-        for rollout in rollouts:
-            problem = self.rules.problem(rollout, peer.peer_id, self.book.latest_version)
-            if problem is None:
-                valid.append(rollout)
-            else:
-                invalid.append(RolloutRejection(rollout_id=rollout.rollout_id, reason=problem))
+        problems = self.rules.problems(rollouts, peer.peer_id, self.book.latest_version, max_token_id)
+        if raw is None or len(raw) != len(rollouts):
+            raw = None
+        if not any(problems):
+            valid, valid_raw = rollouts, raw
+        else:
+            valid, valid_raw = [], ([] if raw is not None else None)
+            for i, (rollout, problem) in enumerate(zip(rollouts, problems, strict=True)):
+                if problem is None:
+                    valid.append(rollout)
+                    if valid_raw is not None:
+                        valid_raw.append(raw[i])
+                else:
+                    invalid.append(RolloutRejection(rollout_id=rollout.rollout_id, reason=problem))
         if invalid:
             self._count("rollouts_invalid", len(invalid))
             self.log.warning("refused invalid rollouts", peer=peer.peer_id, count=len(invalid),
                              first=invalid[0].reason)
         stale: list[Rollout] = []
         if self.policy.mode == "stop_the_world":
-            valid, stale = self._split_stale_on_arrival(valid)
-        self._note_deliveries(peer.peer_id, valid + stale)
-        if raw is not None and len(raw) == len(rollouts):
-            # `valid` is a subset of the same objects; keyed by object, not by rollout id, since one
-            # message may carry an id twice with different bytes (the second is a duplicate).
-            raw_of = {id(rollout): data for rollout, data in zip(rollouts, raw, strict=True)}
-            result = self.ledger.store(valid, [raw_of[id(rollout)] for rollout in valid])
-        else:
-            result = self.ledger.store(valid)
+            fresh, stale = self._split_stale_on_arrival(valid)
+            if stale and valid_raw is not None:
+                # Kept by position, not by rollout id: one message may carry an id twice with
+                # different bytes (the second is a duplicate).
+                stale_at = {id(rollout) for rollout in stale}
+                valid_raw = [data for rollout, data in zip(valid, valid_raw, strict=True) if id(rollout) not in stale_at]
+            valid = fresh
+        self._note_deliveries(peer.peer_id, valid + stale if stale else valid)
+        result = self.ledger.store(valid, valid_raw)
         dropped = self.ledger.drop_on_arrival(stale, "stale on arrival (stop_the_world)")
         self._unreported_drops += len(dropped.stored)
         if result.stored:
-            self._rate.append((self.clock(), len(result.stored)))
+            now = self.clock()
+            self._rate.append((now, len(result.stored)))
+            # Pruned here too, not only when a Status is asked for: unasked, it grew by one entry
+            # per message for as long as the broker ran.
+            while now - self._rate[0][0] > RATE_WINDOW_S:
+                self._rate.popleft()
         if result.refused:
             self._count("rollouts_refused_full", len(result.refused))
         acked = result.stored + result.duplicates + dropped.stored + dropped.duplicates

@@ -17,6 +17,7 @@ specification. Bump `SCHEMA_VERSION` on any change a peer of the previous versio
 from __future__ import annotations
 
 import math
+import threading
 from typing import ClassVar, Literal
 
 import msgspec
@@ -92,6 +93,8 @@ class Array(msgspec.Struct, frozen=True, forbid_unknown_fields=True, gc=False):
     """Raw little-endian C-order bytes."""
 
     def __post_init__(self) -> None:
+        if _batch.deferred:
+            return  # a rollout's array, decoded in decode_rollouts: the rollout checks it (_shape_ok)
         if self.dtype not in ALLOWED_ARRAY_DTYPES:
             raise ValueError(f"array dtype {self.dtype!r} is not one of {sorted(ALLOWED_ARRAY_DTYPES)}")
         if len(self.shape) > MAX_ARRAY_DIMS:
@@ -151,6 +154,84 @@ def _never_decreasing_from_zero(data: bytes, n: int) -> bool:
 # ------------------------------------------------------------------------------------ rollouts
 
 
+class _Batch(threading.local):
+    deferred = False
+    """True while this thread decodes the rollouts of one message in `decode_rollouts`."""
+
+
+_batch = _Batch()
+
+
+def _shape_ok(r: Rollout) -> bool:
+    """Whether `r` passes every check of `Rollout.__post_init__`, of its arrays'
+    `Array.__post_init__` and of its `SamplingSpec.__post_init__`, except those on the array
+    contents (`_contents_ok`): ids, group_size, reward, sampling parameters, and each array a 1-D
+    vector of the right dtype whose data matches its shape. One function instead of about a dozen
+    calls per rollout; tests/test_wire.py holds it to the checks it stands for."""
+    sampling = r.sampling
+    temperature = sampling.temperature
+    if not (math.isfinite(temperature) and temperature > 0 and sampling.top_k >= 0 and 0.0 < sampling.top_p <= 1.0
+            and sampling.max_tokens >= 1):
+        return False
+    for value in (r.rollout_id, r.group_id, r.actor_id, r.task):
+        if not 0 < len(value) <= MAX_ID_LENGTH:
+            return False
+    if not 1 <= r.group_size <= MAX_GROUP_SIZE:
+        return False
+    prompt, completion, logprobs, versions = r.prompt_token_ids, r.completion_token_ids, r.logprobs, r.versions
+    if prompt.dtype != "<i4" or completion.dtype != "<i4" or logprobs.dtype != "<f4" or versions.dtype != "<i4":
+        return False
+    shape = prompt.shape
+    if len(shape) != 1 or not 0 <= shape[0] <= MAX_TOKENS_PER_SEQUENCE or len(prompt.data) != 4 * shape[0]:
+        return False
+    shape = completion.shape
+    if len(shape) != 1 or not 0 <= shape[0] <= MAX_TOKENS_PER_SEQUENCE or logprobs.shape != shape \
+            or versions.shape != shape:
+        return False
+    size = 4 * shape[0]
+    return len(completion.data) == size and len(logprobs.data) == size and len(versions.data) == size \
+        and math.isfinite(r.reward)
+
+
+def _contents_ok(rollouts: list[Rollout]) -> int | None:
+    """Whether every rollout passes the content checks of `Rollout.__post_init__`, checked for
+    all of them at once: the same rules (token ids >= 0; logprobs finite and <= 0; versions >= 0,
+    never decreasing), with three numpy reductions per message instead of six per rollout.
+    Assumes `_shape_ok` held for each. Returns the largest token id (-1: none), or None when a
+    rule is broken."""
+    max_id = -1
+    ids = b"".join([data for r in rollouts for data in (r.prompt_token_ids.data, r.completion_token_ids.data)])
+    if ids:
+        # As unsigned, a negative int32 is >= 2**31: one max checks every id of the message.
+        max_id = int(np.frombuffer(ids, dtype="<u4").max())
+        if max_id >= 1 << 31:
+            return None
+    logprobs = b"".join([r.logprobs.data for r in rollouts])
+    if logprobs:
+        values = np.frombuffer(logprobs, dtype="<f4")
+        if not (-math.inf < values.min() and values.max() <= 1e-4):
+            return None
+    for r in rollouts:
+        data = r.versions.data
+        if data and not _never_decreasing_from_zero(data, len(data) >> 2):
+            return None
+    return max_id
+
+
+def decode_rollouts(decoder: msgspec.msgpack.Decoder, raws: list) -> tuple[list[Rollout], int] | None:
+    """Decode each of `raws` with `decoder` (a Rollout decoder), checking the array contents once
+    for all of them. Returns the rollouts and their largest token id (-1: none), or None when any
+    rollout breaks a rule (decode them one by one, with the checks per rollout, for the exact
+    error). A rollout's structural checks may also raise."""
+    previous, _batch.deferred = _batch.deferred, True
+    try:
+        rollouts = [decoder.decode(raw) for raw in raws]
+    finally:
+        _batch.deferred = previous
+    max_id = _contents_ok(rollouts)
+    return (rollouts, max_id) if max_id is not None else None
+
+
 class SamplingSpec(Record, gc=False):
     """The sampling parameters a completion was generated with; the learner replays them.
 
@@ -169,6 +250,8 @@ class SamplingSpec(Record, gc=False):
     """The per-request sampling seed (reproducibility only)."""
 
     def __post_init__(self) -> None:
+        if _batch.deferred:
+            return  # a rollout's, decoded in decode_rollouts: the rollout checks it (_shape_ok)
         _check_finite("temperature", self.temperature)
         if self.temperature <= 0:
             raise ValueError("temperature must be > 0 for sampled rollouts")
@@ -223,6 +306,13 @@ class Rollout(Record, gc=False):
     """Unix time the completion finished (information only)."""
 
     def __post_init__(self) -> None:
+        if _batch.deferred:
+            # Decoded as part of a SubmitRollouts (decode_rollouts): the same rules as below, as one
+            # yes/no per rollout here and for the array contents once per message; on a no the
+            # message is decoded again with the checks below, which name the rule broken.
+            if not _shape_ok(self):
+                raise ValueError("rollout breaks a rule")
+            return
         for name in ("rollout_id", "group_id", "actor_id", "task"):
             _check_id(name, getattr(self, name))
         _check_range("group_size", self.group_size, 1, MAX_GROUP_SIZE)

@@ -10,6 +10,9 @@ unknown kind or a wrong schema is reported as such, never as a confusing body er
 
 A SubmitRollouts body is decoded one rollout at a time, keeping each rollout's bytes as sent
 (`Message.raw_rollouts`): the broker journals those bytes instead of encoding every rollout again.
+The contents of the rollouts' arrays are checked once for the whole message (see
+`messages.decode_rollouts`); when any check fails, the body is decoded again rollout by rollout
+with every check in place, so the error names the rollout and the rule exactly as before.
 """
 
 from __future__ import annotations
@@ -20,7 +23,14 @@ from dataclasses import dataclass
 import msgspec
 
 from tether.common.errors import WireDecodeError
-from tether.common.messages import BODY_TYPES, SCHEMA_VERSION, Record, Rollout, SubmitRollouts
+from tether.common.messages import (
+    BODY_TYPES,
+    SCHEMA_VERSION,
+    Record,
+    Rollout,
+    SubmitRollouts,
+    decode_rollouts,
+)
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -33,6 +43,18 @@ class Envelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     body: msgspec.Raw
 
 
+class _OutgoingEnvelope(msgspec.Struct, frozen=True):
+    """`Envelope` with the body record in place: encodes to the same bytes in one pass (encoding the
+    body first and then the envelope around it copied every message twice, a RolloutBatch of
+    megabytes included)."""
+
+    kind: str
+    schema: int
+    sender: str
+    msg_id: str
+    body: Record
+
+
 @dataclass(frozen=True)
 class Message:
     """A decoded envelope with its typed body."""
@@ -43,6 +65,8 @@ class Message:
     body: Record
     raw_rollouts: list[msgspec.Raw] | None = None
     """SubmitRollouts: the msgpack bytes of each rollout as sent, in the order of body.rollouts."""
+    max_token_id: int | None = None
+    """SubmitRollouts: the largest prompt or completion token id of any rollout (-1: none)."""
 
 
 class _RawSubmit(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -72,14 +96,7 @@ def encode(body: Record, *, sender: str, msg_id: str | None = None) -> bytes:
     kind = type(body).KIND
     if kind not in BODY_TYPES or BODY_TYPES[kind] is not type(body):
         raise TypeError(f"{type(body).__name__} is not a wire record")
-    envelope = Envelope(
-        kind=kind,
-        schema=SCHEMA_VERSION,
-        sender=sender,
-        msg_id=msg_id or new_msg_id(),
-        body=msgspec.Raw(_ENCODER.encode(body)),
-    )
-    return _ENCODER.encode(envelope)
+    return _ENCODER.encode(_OutgoingEnvelope(kind, SCHEMA_VERSION, sender, msg_id or new_msg_id(), body))
 
 
 def decode_envelope(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Envelope:
@@ -106,7 +123,7 @@ def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Messag
         decoded = _decode_submit_raw(envelope.body)
         if decoded is not None:
             return Message(kind=envelope.kind, sender=envelope.sender, msg_id=envelope.msg_id, body=decoded[0],
-                           raw_rollouts=decoded[1])
+                           raw_rollouts=decoded[1], max_token_id=decoded[2])
     try:
         body = _BODY_DECODERS[envelope.kind].decode(envelope.body)
     except _DECODE_FAILURES as exc:
@@ -114,13 +131,14 @@ def decode(data: bytes, *, max_bytes: int = DEFAULT_MAX_MESSAGE_BYTES) -> Messag
     return Message(kind=envelope.kind, sender=envelope.sender, msg_id=envelope.msg_id, body=body)
 
 
-def _decode_submit_raw(body: msgspec.Raw) -> tuple[SubmitRollouts, list[msgspec.Raw]] | None:
-    """The SubmitRollouts and each rollout's raw bytes, decoded one rollout at a time with the
-    same checks; None when anything is wrong, and the caller decodes the body in one piece to
-    report the problem exactly as a whole-body decode always has."""
+def _decode_submit_raw(body: msgspec.Raw) -> tuple[SubmitRollouts, list[msgspec.Raw], int] | None:
+    """The SubmitRollouts, each rollout's raw bytes and the largest token id, decoded one rollout
+    at a time with the same checks; None when anything is wrong, and the caller decodes the body in
+    one piece to report the problem exactly as a whole-body decode always has."""
     try:
         raws = _RAW_SUBMIT_DECODER.decode(body).rollouts
-        return SubmitRollouts(rollouts=[_ROLLOUT_DECODER.decode(raw) for raw in raws]), raws
+        decoded = decode_rollouts(_ROLLOUT_DECODER, raws)
+        return (SubmitRollouts(rollouts=decoded[0]), raws, decoded[1]) if decoded is not None else None
     except _DECODE_FAILURES:
         return None
 

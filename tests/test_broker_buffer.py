@@ -41,7 +41,7 @@ operations = st.lists(st.tuples(st.sampled_from(["insert", "remove", "remove_gro
 
 @settings(max_examples=150, deadline=None)
 @given(operations)
-def test_oldest_version_always_equals_a_scan(ops):
+def test_oldest_version_and_ready_count_always_equal_a_scan(ops):
     buffer = RolloutBuffer(capacity=8)
     taken = []
     for op, group_n, member, version in ops:
@@ -64,3 +64,4 @@ def test_oldest_version_always_equals_a_scan(ops):
             if not buffer.has_group(group_id):
                 buffer.insert_group_first(back, 1.0)
         assert buffer.oldest_version() == brute_oldest(buffer)
+        assert buffer.ready == sum(len(buffer._groups[g]) for g in buffer._complete)

@@ -12,7 +12,7 @@ import threading
 
 import msgspec
 import pytest
-from test_broker_helpers import FakeClock, Harness, balanced, bodies, group, make_rollout
+from test_broker_helpers import FakeClock, Harness, addressed, balanced, bodies, group, make_rollout
 
 from tether.broker import journal as journal_module
 from tether.broker.journal import PUT, Journal
@@ -28,10 +28,11 @@ POLICY = RunPolicy(group_size=1, rollouts_per_step=2, max_lag=4, max_tokens=16)
 class Restartable(Harness):
     """A Harness whose broker can be killed and started again on the same journal."""
 
-    def __init__(self, tmp_path, **overrides) -> None:
+    def __init__(self, tmp_path, policy: RunPolicy = POLICY, **overrides) -> None:
         self.journal_path = tmp_path / "journal.bin"
+        self.run_policy = policy
         self.overrides = {"journal_path": str(self.journal_path), "journal_fsync": "never", **overrides}
-        super().__init__(POLICY, ledger=self._ledger(), **self.overrides)
+        super().__init__(policy, ledger=self._ledger(), **self.overrides)
 
     def _ledger(self) -> Ledger:
         cfg = BrokerConfig(**{"buffer_capacity": 64, **self.overrides})
@@ -40,7 +41,7 @@ class Restartable(Harness):
     def restart(self) -> None:
         """kill -9 (nothing is flushed beyond what write() handed the OS) and start again."""
         self.state.ledger.journal.close()
-        self.state = build_state(self.cfg, POLICY, clock=self.clock)
+        self.state = build_state(self.cfg, self.run_policy, clock=self.clock)
 
 
 def test_a_restart_keeps_buffered_leased_and_counted_rollouts(tmp_path):
@@ -224,3 +225,46 @@ def test_interval_fsync_runs_in_the_background_one_at_a_time_and_close_waits_for
         journal.maybe_sync()  # the loop learns of it, as when the fsync ran inline
     monkeypatch.setattr(journal_module.os, "fsync", os.fsync)
     journal.close()
+
+
+# ----------------------------------------------------------------------------- one write per message
+
+
+@pytest.mark.parametrize("count", [1, 3, journal_module._IOV_MAX // 2 + 1])  # the last: more parts than IOV_MAX
+def test_a_message_is_journaled_in_writev_calls_and_short_writes_are_finished(tmp_path, monkeypatch, count):
+    real_writev, calls = os.writev, []
+
+    def short_writev(fd, buffers):  # the kernel may write less than asked
+        calls.append(len(buffers))
+        return real_writev(fd, list(buffers)[: max(1, len(buffers) // 3)])
+
+    monkeypatch.setattr(journal_module.os, "writev", short_writev)
+    rollouts = [make_rollout(f"r{i}", f"g{i}", tokens=i % 5) for i in range(count)]
+    journal = Journal(tmp_path / "j.bin", fsync="never")
+    journal.put(rollouts, [msgspec.Raw(msgspec.msgpack.encode(r)) if i % 2 else None for i, r in enumerate(rollouts)])
+    journal.put([make_rollout("last", "gl")])
+    journal.close()
+    assert all(n <= journal_module._IOV_MAX for n in calls) and len(calls) == -(-2 * count // journal_module._IOV_MAX) + 1
+    assert [r for _, r in Journal(tmp_path / "j.bin").replay()] == [*rollouts, make_rollout("last", "gl")]
+
+
+def test_a_message_mixing_invalid_stale_fresh_and_repeated_rollouts_journals_the_fresh_ones_as_sent(tmp_path):
+    """stop_the_world: of one message, the invalid rollout is named, the stale one acked as dropped,
+    and exactly the fresh ones journaled, each with its own bytes (a repeated id is a duplicate)."""
+    policy = RunPolicy(mode="stop_the_world", group_size=1, rollouts_per_step=2, max_lag=0, max_tokens=16)
+    h = Restartable(tmp_path, policy=policy)
+    h.learner()
+    h.actor("a0")
+    epoch = addressed(h.publish(1), WeightUpdate)["a0"].epoch
+    h.report("a0", 1, epoch)
+    fresh = [make_rollout(f"f{i}", f"gf{i}", version=1) for i in range(3)]
+    stale = make_rollout("old", "go", version=0)
+    foreign = make_rollout("bad", "gb", actor_id="a1", version=1)
+    again = msgspec.structs.replace(fresh[0], reward=0.5)
+    sent = [as_sent(r) for r in (fresh[0], stale, foreign, fresh[1], again, fresh[2])]
+    ack = submit_as_sent(h, "a0", sent)
+    assert [r.rollout_id for r in ack.invalid] == ["bad"]
+    assert sorted(ack.acked) == ["f0", "f0", "f1", "f2", "old"] and ack.duplicates == 1 and ack.dropped_stale == 1
+    assert put_payloads(h.journal_path) == [sent[0], sent[3], sent[5]]
+    h.restart()
+    assert list(h.state.ledger.buffer.rollouts()) == fresh and balanced(h.state)

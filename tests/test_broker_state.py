@@ -632,3 +632,13 @@ def test_an_empty_submission_gets_an_ack():
     h.actor("a0")
     out = h.submit("a0", [], msg_id="empty")
     assert [(o.msg_id, o.body) for o in out] == [("empty", Ack(acked=[]))]
+
+
+def test_the_rate_window_stays_bounded_when_nobody_asks_for_status():
+    h = Harness(RunPolicy(group_size=1, rollouts_per_step=64))
+    h.actor("a0")
+    for i in range(30):
+        h.submit("a0", [make_rollout(f"r{i}", f"g{i}")])
+        h.clock.advance(1.0)
+    assert len(h.state._rate) <= 11  # the last 10 s of arrivals, not one entry per message ever
+    assert h.state.rollouts_per_second() == 1.0

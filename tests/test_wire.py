@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import threading
 
 import msgspec
 import numpy as np
@@ -346,3 +347,206 @@ def test_every_record_field_is_documented_and_the_protocol_document_is_current()
     document = Path(__file__).resolve().parents[1] / "docs" / "wire-protocol.md"
     assert document.read_text() == refresh(document.read_text()), \
         "docs/wire-protocol.md is stale: python -m tether.common.wire_reference --write docs/wire-protocol.md"
+
+
+# ----------------------------------------------------------------------------- checks per message
+
+def _submit_data(bodies: list[dict]) -> bytes:
+    return msgspec.msgpack.encode(dict(kind="submit_rollouts", schema=m.SCHEMA_VERSION, sender="s", msg_id="1",
+                                       body={"rollouts": bodies}))
+
+
+def _reference_outcome(bodies: list[dict]) -> str:
+    """What decoding the message rollout by rollout, every check in each Rollout, gives: "ok" or
+    the error text a whole-body decode reports."""
+    try:
+        msgspec.msgpack.Decoder(m.SubmitRollouts).decode(msgspec.msgpack.encode({"rollouts": bodies}))
+    except (msgspec.ValidationError, ValueError) as exc:
+        return f"submit_rollouts body: {wire._with_root(str(exc))}"
+    return "ok"
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(
+    st.lists(st.integers(-3, 2**31 - 1), max_size=4),                       # prompt ids
+    st.lists(st.tuples(st.integers(-2, 2**31 - 1),                         # completion id
+                       st.sampled_from([-1.0, 0.0, -0.0, 1e-4, 5e-5, 0.5, float("nan"), float("inf"),
+                                        float("-inf"), -1e30]),                # logprob
+                       st.integers(-1, 3)), max_size=4),                     # version
+), min_size=1, max_size=5))
+def test_checking_the_contents_per_message_accepts_and_refuses_exactly_what_per_rollout_checks_do(specs):
+    """wire.decode checks the arrays of a SubmitRollouts once for all its rollouts: same verdict, and on a
+    refusal the same error (naming the first bad rollout), as the checks in each Rollout."""
+    bodies = []
+    for i, (prompt, completion) in enumerate(specs):
+        body = _body(m.Rollout(**_rollout(rollout_id=f"r{i}")))
+        body["prompt_token_ids"] = _body(m.int32_array(prompt))
+        body["completion_token_ids"] = _body(m.int32_array([c[0] for c in completion]))
+        body["logprobs"] = _body(m.float32_array([c[1] for c in completion]))
+        body["versions"] = _body(m.int32_array(sorted(c[2] for c in completion)) if i % 2 else
+                                 m.int32_array([c[2] for c in completion]))
+        bodies.append(body)
+    expected = _reference_outcome(bodies)
+    if expected == "ok":
+        message = wire.decode(_submit_data(bodies))
+        assert [bytes(msgspec.msgpack.encode(r)) for r in message.body.rollouts] == \
+            [msgspec.msgpack.encode(b) for b in bodies]
+        assert message.max_token_id == max((i for p, c in specs for i in [*p, *(t[0] for t in c)]), default=-1)
+    else:
+        with pytest.raises(WireDecodeError) as raised:
+            wire.decode(_submit_data(bodies))
+        assert str(raised.value) == expected
+    assert not m._batch.deferred
+
+
+@pytest.mark.parametrize("change", [
+    {"prompt_token_ids": {"dtype": "<i4", "shape": [1], "data": np.array([-3], "<i4").tobytes()}},
+    {"completion_token_ids": {"dtype": "<i4", "shape": [2], "data": np.array([1, -2**31], "<i4").tobytes()}},
+    {"logprobs": {"dtype": "<f4", "shape": [2], "data": np.array([-1, np.nan], "<f4").tobytes()}},
+    {"versions": {"dtype": "<i4", "shape": [2], "data": np.array([-1, -1], "<i4").tobytes()}},
+    {"group_size": 0},
+])
+@pytest.mark.parametrize("position", [0, 1, 3])
+def test_a_rollout_breaking_a_content_rule_is_named_wherever_it_is_in_the_message(change, position):
+    good = _body(m.Rollout(**_rollout()))
+    bodies = [good] * 4
+    bodies[position] = good | change
+    with pytest.raises(WireDecodeError) as raised:
+        wire.decode(_submit_data(bodies))
+    assert f"$.body.rollouts[{position}]" in str(raised.value)
+    assert str(raised.value) == _reference_outcome(bodies)
+
+
+def test_rollouts_built_outside_a_message_decode_are_checked_on_their_own():
+    """The per-message deferral is for the decoder only (and per thread): direct construction and
+    other decoders still check every rollout, also after a message failed to decode."""
+    bad_ids = m.int32_array([-1])
+    with pytest.raises(WireDecodeError):
+        wire.decode(_submit_data([_body(m.Rollout(**_rollout())) | {"prompt_token_ids": _body(bad_ids)}]))
+    with pytest.raises(ValueError, match="negative token id"):
+        m.Rollout(**_rollout(prompt_token_ids=bad_ids))
+    with pytest.raises(msgspec.ValidationError, match="negative token id"):
+        msgspec.msgpack.Decoder(m.Rollout).decode(msgspec.msgpack.encode(_body(m.Rollout(**_rollout())) |
+                                                                          {"prompt_token_ids": _body(bad_ids)}))
+    seen = []
+
+    class Spy:
+        def decode(self, raw):  # runs with the deferral on in this thread; another thread must not see it
+            worker = threading.Thread(target=lambda: seen.append(m._batch.deferred))
+            worker.start()
+            worker.join()
+            return msgspec.msgpack.Decoder(m.Rollout).decode(raw)
+
+    assert m.decode_rollouts(Spy(), [msgspec.msgpack.encode(m.Rollout(**_rollout()))]) is not None
+    assert seen == [False] and not m._batch.deferred
+
+
+def _array_body(dtype: str, shape: list, nbytes: int) -> dict:
+    return {"dtype": dtype, "shape": shape, "data": b"\0" * nbytes}
+
+
+_ARRAY_VARIANTS = st.sampled_from([
+    ("<i4", [2], 8), ("<i4", [3], 8), ("<i4", [2], 12), ("<i4", [-2], 0), ("<i4", [2, 1], 8), ("<i4", [], 4),
+    ("<i4", [1, 2, 1, 1, 1], 8), ("<f4", [2], 8), ("<i8", [2], 16), ("<i2", [2], 4), ("|u1", [8], 8),
+    ("<i4", [m.MAX_TOKENS_PER_SEQUENCE + 1], 4 * (m.MAX_TOKENS_PER_SEQUENCE + 1)), ("<i4", [0], 0),
+])
+
+
+_FIELD_VARIANTS = {
+    "rollout_id": st.sampled_from(["", "x" * 256, "x" * 257]),
+    "task": st.sampled_from(["", "t", "y" * 257]),
+    "group_size": st.sampled_from([0, 1, m.MAX_GROUP_SIZE, m.MAX_GROUP_SIZE + 1, -1]),
+    "reward": st.sampled_from([0.0, float("nan"), float("inf"), -float("inf"), -1e300]),
+    "sampling": st.one_of(  # one of its fields changed (merged into the valid sampling)
+        st.fixed_dictionaries({"temperature": st.sampled_from([1.0, 0.0, -0.5, 1e-30, float("nan"), float("inf")])}),
+        st.fixed_dictionaries({"max_tokens": st.sampled_from([1, 0, -3, 4096])}),
+        st.fixed_dictionaries({"top_k": st.sampled_from([0, 5, -1])}),
+        st.fixed_dictionaries({"top_p": st.sampled_from([1.0, 0.5, 0.0, 1.5, -0.1, float("nan")])}),
+        st.fixed_dictionaries({"seed": st.sampled_from([None, 7])}),
+    ),
+    "prompt_token_ids": _ARRAY_VARIANTS,
+    "completion_token_ids": _ARRAY_VARIANTS,
+    "logprobs": _ARRAY_VARIANTS.map(lambda v: ("<f4" if v[0] == "<i4" else v[0], *v[1:])),
+    "versions": _ARRAY_VARIANTS,
+}
+
+
+# Each rollout has at most one field changed (often none), so that a message whose only flaw is
+# one rule in one rollout is common: that is where a per-message check could wrongly accept.
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.one_of(st.just({}), st.sampled_from(sorted(_FIELD_VARIANTS)).flatmap(
+    lambda key: _FIELD_VARIANTS[key].map(lambda value: {key: value}))), min_size=1, max_size=4))
+def test_the_per_message_structure_check_accepts_and_refuses_exactly_what_the_record_checks_do(changes):
+    """Decoding a SubmitRollouts replaces the Rollout, Array and SamplingSpec checks by one yes/no
+    per rollout (messages._shape_ok): it must agree with them on every id, size, dtype, shape and
+    sampling rule."""
+    bodies = []
+    for i, change in enumerate(changes):
+        body = _body(m.Rollout(**_rollout(rollout_id=f"r{i}")))
+        for key, value in change.items():
+            body[key] = (_array_body(*value) if isinstance(value, tuple) else body[key] | value if key == "sampling"
+                         else value)
+        bodies.append(body)
+    expected = _reference_outcome(bodies)
+    if expected == "ok":
+        assert len(wire.decode(_submit_data(bodies)).body.rollouts) == len(bodies)
+    else:
+        with pytest.raises(WireDecodeError) as raised:
+            wire.decode(_submit_data(bodies))
+        assert str(raised.value) == expected
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_an_envelope_encodes_to_the_bytes_of_its_body_wrapped_in_it(data):
+    """wire.encode writes the envelope and its body in one pass: the bytes are those of an Envelope
+    holding the separately encoded body."""
+    record_type = data.draw(st.sampled_from(list(RECORD_STRATEGIES)))
+    record = data.draw(RECORD_STRATEGIES[record_type])
+    expected = msgspec.msgpack.encode(wire.Envelope(kind=record_type.KIND, schema=m.SCHEMA_VERSION, sender="p",
+                                                    msg_id="m", body=msgspec.Raw(msgspec.msgpack.encode(record))))
+    assert wire.encode(record, sender="p", msg_id="m") == expected
+
+
+def _single_changes() -> list[dict]:
+    """Every single-field change the property test above draws from, one by one."""
+    from hypothesis.strategies import SearchStrategy
+
+    def values(strategy: SearchStrategy) -> list:
+        found = []
+        wrapped = getattr(strategy, "wrapped_strategy", strategy)
+        if hasattr(wrapped, "elements"):  # sampled_from
+            return list(wrapped.elements)
+        for sub in getattr(wrapped, "original_strategies", ()):  # one_of
+            found += values(sub)
+        return found
+
+    changes = []
+    for key in ("rollout_id", "task", "group_size", "reward"):
+        changes += [{key: v} for v in values(_FIELD_VARIANTS[key])]
+    for field, options in {"temperature": [1.0, 0.0, -0.5, 1e-30, float("nan"), float("inf")],
+                           "max_tokens": [1, 0, -3, 4096], "top_k": [0, 5, -1],
+                           "top_p": [1.0, 0.5, 0.0, 1.5, -0.1, float("nan")], "seed": [None, 7]}.items():
+        changes += [{"sampling": {field: v}} for v in options]
+    arrays = values(_ARRAY_VARIANTS)
+    for key in ("prompt_token_ids", "completion_token_ids", "versions"):
+        changes += [{key: v} for v in arrays]
+    changes += [{"logprobs": ("<f4" if v[0] == "<i4" else v[0], *v[1:])} for v in arrays]
+    return changes
+
+
+@pytest.mark.parametrize("change", _single_changes(), ids=repr)
+def test_each_single_rule_is_judged_per_message_as_the_record_checks_judge_it(change):
+    good = _body(m.Rollout(**_rollout()))
+    changed = dict(good)
+    for key, value in change.items():
+        changed[key] = (_array_body(*value) if isinstance(value, tuple) else good[key] | value if key == "sampling"
+                        else value)
+    bodies = [good, changed, good]
+    expected = _reference_outcome(bodies)
+    if expected == "ok":
+        assert len(wire.decode(_submit_data(bodies)).body.rollouts) == 3
+    else:
+        with pytest.raises(WireDecodeError) as raised:
+            wire.decode(_submit_data(bodies))
+        assert str(raised.value) == expected
