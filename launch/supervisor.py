@@ -63,7 +63,11 @@ class Supervisor:
 
     def __enter__(self) -> Supervisor:
         # Turn SIGTERM into KeyboardInterrupt so one code path (the finally below) stops everything.
-        self._previous_handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+        # SIGINT too, explicitly: a process started in the background by a non-interactive shell
+        # (`tether demo ... &` in a script) inherits SIGINT ignored, and Python then installs no
+        # handler, so `kill -INT` (what Ctrl-C sends) would be lost while the daemons run on.
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            self._previous_handlers[signum] = signal.signal(signum, _raise_keyboard_interrupt)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -83,6 +83,32 @@ def test_sigterm_to_the_supervisor_stops_children(tmp_path):
     assert os.path.exists(tmp_path / "c.log")
 
 
+def test_sigint_stops_children_even_when_started_with_sigint_ignored(tmp_path):
+    """A job a script starts in the background inherits SIGINT ignored (Python then installs no handler);
+    `kill -INT`, what Ctrl-C sends, must still stop the supervisor and everything it started."""
+    driver = textwrap.dedent(
+        f"""
+        import sys
+        from pathlib import Path
+        from tether.launch.supervisor import ProcessSpec, Supervisor
+        try:
+            with Supervisor(grace_seconds=1.0) as s:
+                s.start(ProcessSpec("spawner", [sys.executable, "-c", {SPAWNER!r}], Path({str(tmp_path / 'c.log')!r})))
+                print("ready", flush=True)
+                s.wait_for(s.children[0], timeout=600)
+        except KeyboardInterrupt:
+            raise SystemExit(130)
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", driver], stdout=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert any(line.strip() == "ready" for line in proc.stdout), "driver never became ready"
+    grandchild = _grandchild_pid(tmp_path / "c.log")
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=30) == 130
+    assert _dies_soon(grandchild)
+
+
 def test_a_failing_daemon_is_restarted_up_to_its_limit_then_reported(tmp_path):
     counter = tmp_path / "starts"
     script = f"from pathlib import Path; p = Path({str(counter)!r}); p.write_text(p.read_text() + 'x' if p.exists() else 'x'); raise SystemExit(7)"
