@@ -17,15 +17,18 @@ from pathlib import Path
 
 import pytest
 
+from tether.common.net import free_port
+
 pytestmark = pytest.mark.slow
 
 STEPS = 20  # with the learner on a core of its own a step takes about a second: room to interrupt it
 CHECKPOINT_EVERY = 2
 
 
-def _demo_command(run_dir: Path, model_dir: Path, *extra: str) -> list[str]:
+def _demo_command(run_dir: Path, model_dir: Path, ports: tuple[int, int], *extra: str) -> list[str]:
     return [sys.executable, "-m", "tether.common.cli", "demo", "--run-dir", str(run_dir), "--actors", "1",
             "--learner-ranks", "1", "--no-eval", *extra, f"model.path={model_dir}", f"learner.steps={STEPS}",
+            f"broker.port={ports[0]}", f"broker.store_port={ports[1]}",  # another run may hold the defaults
             "learner.rollouts_per_step=32", "learner.micro_batch_size=32", "run.keep_rollouts=false",
             f"learner.checkpoint_interval={CHECKPOINT_EVERY}", f"learner.keep_checkpoint_every={CHECKPOINT_EVERY}",
             "broker.journal_compact_every=-1"]  # the whole history, for the audit
@@ -55,7 +58,8 @@ def test_ctrl_c_then_resume_finishes_the_run_exactly_once(tmp_path, tiny_model_d
     from tether.launch.chaos import audit
 
     run_dir = tmp_path / "run"
-    first = subprocess.Popen(_demo_command(run_dir, tiny_model_dir), cwd=tmp_path, stdout=subprocess.PIPE,
+    ports = (free_port(), free_port())
+    first = subprocess.Popen(_demo_command(run_dir, tiny_model_dir, ports), cwd=tmp_path, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 600
     while not any(s > CHECKPOINT_EVERY for s in _steps_logged(run_dir)):  # past the first checkpoint
@@ -70,7 +74,7 @@ def test_ctrl_c_then_resume_finishes_the_run_exactly_once(tmp_path, tiny_model_d
     assert interrupted_at < STEPS
     assert not _daemons_of(run_dir)  # no orphans
 
-    resumed = subprocess.run(_demo_command(run_dir, tiny_model_dir, "--resume"), cwd=tmp_path, capture_output=True,
+    resumed = subprocess.run(_demo_command(run_dir, tiny_model_dir, ports, "--resume"), cwd=tmp_path, capture_output=True,
                              text=True, timeout=900, check=False)
     console = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, console[-4000:]

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tether.common.net import free_port
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -81,7 +83,8 @@ def test_the_readme_command_trains_and_the_console_shows_tether_only(example_dir
     # overrides (later ones win) for a short run on the session's tiny model
     arguments = ["--run-dir", str(run_dir), "--actors", "1", "--learner-ranks", "1", *arguments[2:],
                  f"model.path={tiny_model_dir}", "learner.steps=4", "task.eval_size=20", "learner.rollouts_per_step=32",
-                 "learner.micro_batch_size=32", "learner.checkpoint_interval=2", "learner.keep_checkpoint_every=2"]
+                 "learner.micro_batch_size=32", "learner.checkpoint_interval=2", "learner.keep_checkpoint_every=2",
+                 f"broker.port={free_port()}", f"broker.store_port={free_port()}"]  # another run may hold the defaults
     done = subprocess.run([sys.executable, "-m", "tether.common.cli", "demo", *arguments],
                           cwd=example_dir, capture_output=True, text=True, timeout=800, check=False)
     console = done.stdout + done.stderr
