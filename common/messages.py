@@ -195,8 +195,9 @@ def _shape_ok(r: Rollout) -> bool:
 
 def _contents_ok(rollouts: list[Rollout]) -> int | None:
     """Whether every rollout passes the content checks of `Rollout.__post_init__`, checked for
-    all of them at once: the same rules (token ids >= 0; logprobs finite and <= 0; versions >= 0,
-    never decreasing), with three numpy reductions per message instead of six per rollout.
+    all of them at once: the same rules (token ids >= 0; logprobs finite and <= 0 up to 1e-4 of
+    rounding; versions >= 0, never decreasing), with three numpy reductions per message instead of
+    six per rollout.
     Assumes `_shape_ok` held for each. Returns the largest token id (-1: none), or None when a
     rule is broken."""
     max_id = -1
@@ -271,8 +272,8 @@ class Rollout(Record, gc=False):
 
     Rules checked by the decoder: ids non-empty, at most 256 characters; 1 <= group_size <= 65536;
     token arrays are 1-D "<i4" with non-negative ids, logprobs and versions 1-D "<f4"/"<i4" of the
-    completion's length; logprobs finite and <= 0; versions >= 0 and never decreasing; reward
-    finite. Rules the broker checks against the run (docs/wire-protocol.md, "Validation"):
+    completion's length; logprobs finite and <= 0 (up to 1e-4 of rounding); versions >= 0 and never
+    decreasing; reward finite. Rules the broker checks against the run (docs/wire-protocol.md, "Validation"):
     actor_id equals the sender, group_size equals actor.sampling.group_size, completion length <=
     actor.sampling.max_tokens, token ids below the model's vocabulary size, versions <= the
     latest published version.
@@ -332,7 +333,7 @@ class Rollout(Record, gc=False):
         if n:
             logprobs = self.logprobs.numpy()
             if not (-math.inf < logprobs.min() and logprobs.max() <= 1e-4):
-                raise ValueError("logprobs must be finite and <= 0")
+                raise ValueError("logprobs must be finite and <= 0 (1e-4 of rounding allowed)")
             if not _never_decreasing_from_zero(self.versions.data, n):
                 raise ValueError("versions must be >= 0 and never decrease within a sequence")
 
