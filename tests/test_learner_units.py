@@ -150,7 +150,7 @@ def test_learning_rate_schedules_warm_up_then_decay_to_the_floor_at_the_last_ste
     assert lrs("linear") == pytest.approx([1.0 - s / 10 for s in range(11)])
     cosine = lrs("cosine", min_lr_ratio=0.2)
     assert cosine[0] == pytest.approx(1.0) and cosine[5] == pytest.approx(0.6) and cosine[10] == pytest.approx(0.2)
-    assert all(a >= b for a, b in zip(cosine, cosine[1:]))
+    assert all(a >= b for a, b in zip(cosine[:-1], cosine[1:], strict=True))
     warm = lrs("linear", warmup_steps=4)
     assert warm[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0]) and warm[4] == pytest.approx(1.0)
     assert warm[10] == pytest.approx(0.0) and learning_rate(50, lr=1.0, steps=11, schedule="linear") == 0.0
