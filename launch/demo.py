@@ -31,7 +31,7 @@ from pathlib import Path
 
 from tether.common.config import RunConfig, load_config, load_config_or_exit, save_resolved
 from tether.common.logging import configure_logging, get_logger
-from tether.launch.placement import format_ids, parse_ids, plan, split
+from tether.launch.placement import available_cpus_here, format_ids, parse_ids, plan, split
 from tether.launch.plot import plot_metrics
 from tether.launch.supervisor import ProcessSpec, Supervisor
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = list(args.overrides) + ([f"run.dir={args.run_dir}"] if args.run_dir else [])
     overrides += [f"placement.{k}={v}" for k, v in (("actor_cpus", args.actor_cpus), ("learner_cpus", args.learner_cpus)) if v]
     config = load_config_or_exit(parser, args.config, overrides)
-    pinned = [] if args.shared_cpus else default_cpu_placement(config.placement, _own_cpus())
+    pinned = [] if args.shared_cpus else default_cpu_placement(config.placement, sorted(available_cpus_here()))
     if pinned:
         overrides += pinned
         config = load_config_or_exit(parser, args.config, overrides)
@@ -137,10 +137,6 @@ def default_cpu_placement(placement, cpus: list[int]) -> list[str]:
     if len(cpus) % 2:  # split() puts the extra CPU in the lower share: give it to the learner
         lower, upper = lower[:-1], lower[-1:] + upper
     return [f"placement.actor_cpus={format_ids(lower)}", f"placement.learner_cpus={format_ids(upper)}"]
-
-
-def _own_cpus() -> list[int]:
-    return sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
 
 
 def _clear_training_state(run_dir: Path) -> None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from tether.common.config.placement import parse_ids
 
-__all__ = ["Placement", "RunPlacement", "format_ids", "inherited_gpus", "parse_ids", "plan", "split"]
+__all__ = ["Placement", "RunPlacement", "available_cpus_here", "format_ids", "inherited_gpus", "parse_ids", "plan", "split"]
 
 
 def format_ids(ids: Sequence[int]) -> str:
@@ -98,7 +98,8 @@ class RunPlacement:
     """The broker is light and never pinned: it floats over whatever the others leave."""
 
 
-def _available_cpus() -> set[int]:
+def available_cpus_here() -> set[int]:
+    """The CPUs this process may run on (its affinity; every CPU where affinity is not supported)."""
     return set(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
 
 
@@ -123,7 +124,7 @@ def plan(placement, *, actors: int, learner_ranks: int, tensor_parallel_size: in
     CUDA_VISIBLE_DEVICES (`inherited_gpus`, e.g. Slurm's assignment) they must be among those, and with
     `use_inherited_gpus` an empty placement.actor_gpus means "share out the inherited ones".
     """
-    available = _available_cpus() if available_cpus is None else available_cpus
+    available = available_cpus_here() if available_cpus is None else available_cpus
     cpu_sets = {key: parse_ids(getattr(placement, key)) for key in ("actor_cpus", "learner_cpus")}
     for key, ids in cpu_sets.items():
         missing = sorted(set(ids) - available)
@@ -177,10 +178,10 @@ def _pin(cpus: str, argv: list[str]) -> int:
     except ValueError as exc:
         print(f"tether placement pin: {exc}", file=sys.stderr)
         return 2
-    missing = wanted - _available_cpus()
+    missing = wanted - available_cpus_here()
     if not wanted or missing:
         print(f"tether placement pin: CPUs {format_ids(sorted(missing)) or '(none)'} are not available "
-              f"(this process may use {format_ids(sorted(_available_cpus()))})", file=sys.stderr)
+              f"(this process may use {format_ids(sorted(available_cpus_here()))})", file=sys.stderr)
         return 2
     os.sched_setaffinity(0, wanted)
     try:
