@@ -72,6 +72,15 @@ class PreparedBatch:
     """The rollouts trained on, in the order of `rewards` and `advantages` (for the rollout archive)."""
     advantages: np.ndarray | None = None
     """Advantage of each kept rollout."""
+    zero_advantage: int = 0
+    """Kept rollouts left out of the micro-batches because their advantage is exactly 0 (skip_zero_advantage)."""
+    zero_advantage_tokens: int = 0
+    """Their completion tokens: still part of the step's token total, so the loss's normalisation is unchanged."""
+
+    @property
+    def total_tokens(self) -> int:
+        """Completion tokens of every kept rollout, trained on or skipped: the loss's denominator."""
+        return sum(mb.num_tokens for mb in self.micro_batches) + self.zero_advantage_tokens
 
 
 def keep_fresh(rollouts: Sequence[Rollout], learner_version: int, max_lag: int) -> tuple[list[Rollout], int, int]:
@@ -137,12 +146,18 @@ def prepare_batch(
     micro_batch_size: int,
     advantage_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     empty_completions: str = "group",
+    skip_zero_advantage: bool = False,
 ) -> PreparedBatch:
     """Drop stale and empty rollouts, compute advantages per group, and cut length-sorted micro-batches.
 
     `empty_completions` (learner.empty_completions): `group` keeps an empty completion's reward in its
     group's advantage statistics, `drop` computes advantages without it. Either way it trains on no
     token and is counted in dropped_empty.
+
+    `skip_zero_advantage` (learner.skip_zero_advantage): a rollout whose advantage is exactly 0 is
+    kept (its reward, its place in the archive, its tokens in `total_tokens`) but put in no
+    micro-batch. Only for a loss that vanishes with the advantage (Algorithm.zero_advantage_is_inert)
+    and no KL term: then it adds nothing to the gradient, and skipping it saves its forward and backward.
     """
     kept, stale, empty = keep_fresh(rollouts, learner_version, max_lag)
     rewards = np.array([r.reward for r in kept], dtype=np.float32)
@@ -154,12 +169,17 @@ def prepare_batch(
     member_rewards = torch.tensor([r.reward for r in members], dtype=torch.float32)
     advantages = advantage_fn(member_rewards, group_indices(members))[:len(kept)]
     lengths = [r.prompt_token_ids.shape[0] + r.num_completion_tokens for r in kept]
-    order = sorted(range(len(kept)), key=lambda i: lengths[i])
+    nonzero = (advantages != 0).tolist()
+    trained = [i for i in range(len(kept)) if nonzero[i] or not skip_zero_advantage]
+    skipped = len(kept) - len(trained)
+    skipped_tokens = sum(r.num_completion_tokens for r in kept) - sum(kept[i].num_completion_tokens for i in trained)
+    order = sorted(trained, key=lambda i: lengths[i])
     micro_batches, pad = [], 0
     for start in range(0, len(order), micro_batch_size):
         chunk = order[start:start + micro_batch_size]
         mb = _collate([kept[i] for i in chunk], advantages[chunk])
         pad += mb.input_ids.numel() - int(mb.attention_mask.sum())
         micro_batches.append(mb)
-    return PreparedBatch(micro_batches, rewards, stale, empty, pad, sum(lengths), kept=tuple(kept),
-                         advantages=advantages.detach().cpu().numpy())
+    return PreparedBatch(micro_batches, rewards, stale, empty, pad, sum(lengths[i] for i in trained), kept=tuple(kept),
+                         advantages=advantages.detach().cpu().numpy(), zero_advantage=skipped,
+                         zero_advantage_tokens=skipped_tokens)

@@ -83,6 +83,11 @@ def _dummy_micro_batch() -> MicroBatch:
     )
 
 
+def _finite_or_nan(value: float) -> float:
+    """The value, or NaN for the neutral +-inf a step with no scored token leaves in a min or max."""
+    return value if math.isfinite(value) else float("nan")
+
+
 class Learner:
     """Holds the sharded policy, optimizer, algorithm and publisher of one learner rank."""
 
@@ -127,6 +132,7 @@ class Learner:
             kl_coef=cfg.kl_coef, aggregation=cfg.loss_aggregation,
         )
         self.advantage_params = AdvantageParams(std=cfg.advantage_std, eps=cfg.advantage_eps)
+        self.skip_zero_advantage = cfg.skip_zero_advantage and cfg.kl_coef == 0 and self.algorithm.zero_advantage_is_inert
         self.version = 0
         self.committed_version = -1
         """Version of the newest checkpoint this run's lineage holds (-1: none)."""
@@ -243,11 +249,14 @@ class Learner:
         m.add("pad_tokens", prepared.pad_tokens)
         m.add("real_tokens", prepared.real_tokens)
         m.add("micro_batches_max", len(prepared.micro_batches))
+        m.add("samples_zero_advantage", prepared.zero_advantage)
         total_tokens = max(totals.sums["tokens"], 1.0)
         total_sequences = max(totals.sums["sequences"], 1.0)
         micro_batches = list(prepared.micro_batches)
         filler = micro_batches[0] if micro_batches else _dummy_micro_batch()
-        while len(micro_batches) < int(totals.maxes["micro_batches"]):
+        # At least one pass even when every sequence was skipped as zero-advantage: the gradients are
+        # then zeros, not None, and the optimizer steps as it would have on the full batch.
+        while len(micro_batches) < max(int(totals.maxes["micro_batches"]), 1):
             micro_batches.append(filler.with_zero_weight())  # FSDP needs the same collectives on every rank
 
         # Every rank reports every key, even with nothing to train on (the reduction packs by name).
@@ -257,6 +266,10 @@ class Learner:
                      *(f"mixed_lag{k}_{s}" for k in range(cfg.max_lag + 1) for s in ("sum", "tokens"))):
             m.add(name, 0.0)
         m.max("parity_lag0_max", 0.0)
+        # A rank whose micro-batches are all zero-weight fillers (its share stale, empty or of zero
+        # advantage) scores no token; neutral extremes keep its key set the same as the others'.
+        m.min("lag_min", math.inf)
+        m.max("lag_max", -math.inf)
         for mb in micro_batches:
             self._micro_step(mb, total_tokens, total_sequences, m)
         return m, prepared
@@ -276,9 +289,9 @@ class Learner:
             batch = self._fetch()
             advantages = functools.partial(self.algorithm.advantages, params=self.advantage_params)
             prepared = prepare_batch(batch.rollouts, self.version, cfg.max_lag, cfg.micro_batch_size, advantages,
-                                     empty_completions=cfg.empty_completions)
+                                     empty_completions=cfg.empty_completions, skip_zero_advantage=self.skip_zero_advantage)
             totals = StepMetrics()
-            totals.add("tokens", sum(mb.num_tokens for mb in prepared.micro_batches))
+            totals.add("tokens", prepared.total_tokens)
             totals.add("sequences", len(prepared.rewards))
             totals.add("dropped", batch.dropped_stale + prepared.dropped_stale + prepared.dropped_empty)
             totals.max("micro_batches", len(prepared.micro_batches))
@@ -403,13 +416,13 @@ class Learner:
             "grad_norm": grad_norm,
             "skipped_nonfinite": skipped_nonfinite, "steps_skipped_nonfinite": self.steps_skipped_nonfinite,
             "samples_skipped_nonfinite": int(g.sums["samples_skipped_nonfinite"]),
-            "lag_min": g.mins.get("lag_min", float("nan")), "lag_mean": g.ratio("lag_sum", "scored_tokens"),
-            "lag_max": g.maxes.get("lag_max", float("nan")),
+            "lag_min": _finite_or_nan(g.mins["lag_min"]), "lag_mean": g.ratio("lag_sum", "scored_tokens"),
+            "lag_max": _finite_or_nan(g.maxes["lag_max"]),
             "tokens_per_s": g.sums["completion_tokens"] / seconds,
             "sequence_tokens_per_s": g.sums["real_tokens"] / seconds,
             "pad_fraction": g.sums["pad_tokens"] / max(g.sums["pad_tokens"] + g.sums["real_tokens"], 1.0),
             "samples": int(n), "samples_received": int(g.sums["samples_received"]), "samples_dropped": int(g.sums["samples_dropped"]), "samples_dropped_total": self.dropped_total,
-            "samples_empty": int(g.sums["samples_empty"]), "tokens_outside_support": int(g.sums["tokens_outside_support"]),
+            "samples_empty": int(g.sums["samples_empty"]), "samples_zero_advantage": int(g.sums["samples_zero_advantage"]), "tokens_outside_support": int(g.sums["tokens_outside_support"]),
             "parity_lag0_mean": g.ratio("parity_lag0_sum", "parity_lag0_tokens"),
             "parity_lag0_max": g.maxes["parity_lag0_max"] if g.sums["parity_lag0_tokens"] else float("nan"), "parity_lag0_tokens": int(g.sums["parity_lag0_tokens"]),
             "step_seconds": seconds,

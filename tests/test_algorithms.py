@@ -162,6 +162,33 @@ def test_on_policy_gradient_is_policy_gradient(name):
     torch.testing.assert_close(logp.grad, (-adv / 12).unsqueeze(-1).expand(3, 4))
 
 
+@pytest.mark.parametrize("name", available_algorithms())
+@pytest.mark.parametrize("aggregation", ["token", "sequence"])
+def test_zero_advantage_sequences_add_nothing_where_the_algorithm_says_so(name, aggregation):
+    """learner.skip_zero_advantage relies on Algorithm.zero_advantage_is_inert: with the step's totals
+    held fixed, dropping the advantage-0 sequences leaves the loss and the other rows' gradient unchanged,
+    also off-policy (ratios far from 1, clipped) and with stale tokens."""
+    algorithm = get_algorithm(name)
+    assert algorithm.zero_advantage_is_inert
+    torch.manual_seed(1)
+    logp = (-torch.rand(4, 5) * 3).requires_grad_()
+    old = -torch.rand(4, 5) * 3
+    adv = torch.tensor([0.0, 1.3, 0.0, -0.7])
+    mask = torch.tensor([[1.0] * 5, [1.0] * 3 + [0.0] * 2, [1.0] * 4 + [0.0], [1.0] * 2 + [0.0] * 3])
+    params = LossParams(aggregation=aggregation)
+    full = algorithm.loss(LossInput(logprobs=logp, old_logprobs=old, advantages=adv, mask=mask,
+                                    total_tokens=float(mask.sum()), total_sequences=4.0), params)
+    full.loss.backward()
+    rows = [1, 3]
+    part_logp = logp.detach()[rows].clone().requires_grad_()
+    part = algorithm.loss(LossInput(logprobs=part_logp, old_logprobs=old[rows], advantages=adv[rows], mask=mask[rows],
+                                    total_tokens=float(mask.sum()), total_sequences=4.0), params)
+    part.loss.backward()
+    torch.testing.assert_close(part.loss, full.loss)
+    torch.testing.assert_close(part_logp.grad, logp.grad[rows])
+    assert logp.grad[[0, 2]].abs().max() == 0
+
+
 # ---- behaviour logprobs far below the learner's: the log ratio is clamped before exp ------------
 
 @pytest.mark.parametrize("name", ["grpo", "ppo", "gspo", "rloo", "reinforce"])

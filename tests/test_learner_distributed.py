@@ -62,6 +62,8 @@ def _overrides(model_dir, rollouts_file, run_dir, **extra) -> list[str]:
         "learner.steps": STEPS, "learner.rollouts_per_step": 16, "learner.micro_batch_size": 4,
         "actor.sampling.group_size": 4, "learner.lr": 1e-3, "learner.checkpoint_interval": 2,
         "learner.bucket_mb": 1, "learner.algorithm": "grpo", "learner.resume": "false", "learner.publish_to": "none",
+        # Most of the fixed batch's groups have uniform rewards; these runs train (and count) every token.
+        "learner.skip_zero_advantage": "false",
     }
     values.update(extra)
     return [f"{k}={v}" for k, v in values.items()]
@@ -155,6 +157,29 @@ def test_fsdp_equals_single_process(fsdp_run, model_dir, rollouts_file, tmp_path
     sharded = _weights(run_dir, STEPS)
     for name, tensor in learner.model.state_dict().items():
         torch.testing.assert_close(sharded[name], tensor.detach(), atol=5e-5, rtol=0, msg=name)
+
+
+def test_skipping_zero_advantage_rollouts_under_fsdp_gives_the_same_weights(fsdp_run, model_dir, rollouts_file,
+                                                                              tmp_path):
+    """With learner.skip_zero_advantage the uniform groups are left out: a rank can hold nothing but
+    zero-weight fillers while the other trains (it used to hang the metrics' reduction), and the
+    weights still equal those of training every rollout."""
+    from tether.learner.source import load_rollouts
+
+    run_dir, _ = fsdp_run
+    skipping = tmp_path / "skipping"
+    _torchrun(_overrides(model_dir, rollouts_file, skipping, **{"learner.skip_zero_advantage": "true"}))
+    groups: dict[str, set[float]] = {}
+    for rollout in load_rollouts(rollouts_file):
+        groups.setdefault(rollout.group_id, set()).add(rollout.reward)
+    uniform = sum(4 for rewards in groups.values() if len(rewards) == 1)
+    assert 0 < uniform < 16
+    rows = _metrics(skipping)
+    assert [r["samples_zero_advantage"] for r in rows] == [uniform] * STEPS
+    assert rows[0]["loss"] == pytest.approx(_metrics(run_dir)[0]["loss"], abs=1e-7)
+    expected, got = _weights(run_dir, STEPS), _weights(skipping, STEPS)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_resume_reproduces_next_step(fsdp_run, model_dir, rollouts_file, tmp_path):

@@ -215,3 +215,44 @@ def test_each_step_uses_the_scheduled_learning_rate_and_reports_it(setup, tmp_pa
     after = _params(learner)
     for name in before:
         torch.testing.assert_close(after[name], before[name], atol=0, rtol=0, msg=name)
+
+
+def _one_uniform_group(rollouts, uniform: bool = False):
+    """The rollouts with every reward of the first group set to 1 (advantage 0 there), or of every group."""
+    from msgspec.structs import replace
+
+    first = rollouts[0].group_id
+    return [replace(r, reward=1.0) if uniform or r.group_id == first else r for r in rollouts]
+
+
+@pytest.mark.parametrize("uniform", [False, True], ids=["one-group-uniform", "all-uniform"])
+def test_skipping_zero_advantage_rollouts_gives_the_same_update(setup, tmp_path, uniform):
+    """learner.skip_zero_advantage leaves advantage-0 rollouts out of forward and backward; the weights
+    after two steps (Adam's moments included) are those of training on the whole batch, also when a
+    step has nothing but zero advantages (the optimizer still steps on its momentum)."""
+    from tether.learner.source import InMemoryBatchSource
+
+    _, rollouts = setup
+    runs = {}
+    for skip in ("true", "false"):
+        learner = _learner(setup, tmp_path / skip, **{"learner.skip_zero_advantage": skip})
+        learner.source = InMemoryBatchSource(_one_uniform_group(rollouts))
+        first = learner.step()
+        # all-uniform: the second step has zero advantages only, and moves the weights by Adam's momentum
+        learner.source = InMemoryBatchSource(_one_uniform_group(rollouts, uniform))
+        runs[skip] = ([first, learner.step()], _params(learner))
+    (rows_on, after_on), (rows_off, after_off) = runs["true"], runs["false"]
+    expected_skipped = 8 if uniform else 4
+    assert rows_on[1]["samples_zero_advantage"] == expected_skipped and rows_off[1]["samples_zero_advantage"] == 0
+    assert rows_on[1]["samples"] == rows_off[1]["samples"] == 8
+    assert rows_on[1]["loss"] == pytest.approx(rows_off[1]["loss"], abs=1e-7)
+    for name in after_on:
+        torch.testing.assert_close(after_on[name], after_off[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_zero_advantage_rollouts_are_trained_when_a_kl_term_needs_them(setup, tmp_path):
+    from tether.learner.source import InMemoryBatchSource
+
+    learner = _learner(setup, tmp_path, **{"learner.kl_coef": 0.1})
+    learner.source = InMemoryBatchSource(_one_uniform_group(setup[1]))
+    assert learner.step()["samples_zero_advantage"] == 0

@@ -168,3 +168,24 @@ def test_config_rejects_bad_schedules():
         load_config(None, ["learner.steps=10", "learner.warmup_steps=10"])
     with pytest.raises(ConfigError, match="learner.min_lr_ratio"):
         load_config(None, ["learner.min_lr_ratio=1.5"])
+
+
+def test_zero_advantage_rollouts_are_kept_but_not_batched():
+    """A group whose rewards are all equal has advantage 0 everywhere: skipped from the micro-batches,
+    still in the rewards, the archive and the step's token total (the loss's denominator)."""
+    rollouts = [_rollout(0, 0, 2, [0, 0], 1.0), _rollout(1, 0, 2, [0], 1.0),        # uniform group
+                _rollout(2, 1, 2, [0, 0, 0], 1.0), _rollout(3, 1, 2, [0], 0.0)]     # informative group
+    full = prepare_batch(rollouts, 0, 1, micro_batch_size=4, advantage_fn=group_normalised_advantages)
+    skipped = prepare_batch(rollouts, 0, 1, micro_batch_size=4, advantage_fn=group_normalised_advantages,
+                            skip_zero_advantage=True)
+    (mb,) = skipped.micro_batches
+    assert mb.completion_ids.shape[0] == 2 and sorted(mb.advantages.tolist()) == sorted(full.advantages[2:].tolist())
+    assert skipped.zero_advantage == 2 and skipped.zero_advantage_tokens == 3
+    assert skipped.total_tokens == full.total_tokens == 7
+    assert [r.rollout_id for r in skipped.kept] == ["r0", "r1", "r2", "r3"]
+    assert skipped.rewards.tolist() == full.rewards.tolist()
+    assert full.zero_advantage == 0 and sum(m.completion_ids.shape[0] for m in full.micro_batches) == 4
+    # every group uniform: nothing to batch, but the tokens still count (the step is taken, with zero gradient)
+    uniform = prepare_batch(rollouts[:2], 0, 1, micro_batch_size=4, advantage_fn=group_normalised_advantages,
+                            skip_zero_advantage=True)
+    assert uniform.micro_batches == [] and uniform.total_tokens == 3

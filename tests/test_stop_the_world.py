@@ -52,6 +52,8 @@ def test_real_broker_actor_learner_train_every_step_on_tokens_of_its_version(tin
         "actor.sampling.group_size=4", "learner.rollouts_per_step=16", "learner.micro_batch_size=16",
         "actor.sampling.max_tokens=8", "actor.engine.max_model_len=64", "actor.engine.max_num_seqs=32",
         "actor.max_groups_in_flight=8", "actor.actor_id=actor-0", "learner.checkpoint_interval=0",
+        # every step is checked for lag-0 parity tokens: train all of them, uniform-reward groups included
+        "learner.skip_zero_advantage=false",
     ]
     config = load_config(None, overrides)
     run_config = save_resolved(config, run_dir, "run")

@@ -68,6 +68,14 @@ class LearnerConfig(Section):
     """A completion with no token trains on nothing either way. group (as TRL): its reward still
     counts in its group's mean and std, so the other members' advantages are those of the whole group
     as sampled; drop: it is removed first and the group is normalised over its other members."""
+    skip_zero_advantage: bool = True
+    """Leave rollouts whose advantage is exactly 0 out of forward and backward. In a GRPO group whose
+    completions all got the same reward every advantage is 0, and with kl_coef 0 such a rollout adds
+    nothing to the gradient: the update is the same (the loss is still divided by the step's full
+    token count) and the step costs less, by the share of such groups (often half, late in a run).
+    Token metrics (entropy, kl_new_old, lag, parity) then cover the tokens trained on;
+    samples_zero_advantage counts the skipped. Ignored when kl_coef > 0 or the algorithm's loss does
+    not vanish with the advantage."""
     publish_interval: int = 1
     """Broadcast weights every this many steps."""
     bucket_mb: int = 64

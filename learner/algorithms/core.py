@@ -99,6 +99,11 @@ class Algorithm:
     """(rewards [N], group_index [N] ints, AdvantageParams) -> advantages [N]; the params may be left out
     (defaults) and are ignored by estimators without a std."""
     loss: Callable[[LossInput, LossParams], LossOutput]
+    zero_advantage_is_inert: bool = True
+    """True when a sequence whose advantage is 0 adds nothing to the loss's gradient apart from the KL
+    term (every loss of the form -A * f: all shipped ones). The learner then leaves such sequences
+    out of forward and backward (learner.skip_zero_advantage). A loss with a term that does not
+    vanish with A, such as an entropy bonus, must set False."""
 
 
 # ---- advantages -------------------------------------------------------------------------------
