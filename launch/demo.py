@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tether demo", description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="run config YAML (default: configs/demo.yaml)")
     parser.add_argument("--run-dir", help="run directory (overrides run.dir)")
-    parser.add_argument("--actors", type=int, default=2, help="actor daemons (default 2)")
+    parser.add_argument("--actors", type=int,
+                        help="actor daemons (default: 2, or one per actor CPU up to 2 when pinned)")
     parser.add_argument("--learner-ranks", type=int,
                         help="torchrun learner ranks (default: 2, or one per learner CPU up to 2 when pinned)")
     parser.add_argument("--resume", action="store_true",
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="let actors and learner share every CPU instead of the default disjoint halves")
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
     args = parser.parse_args(argv)
-    if args.actors < 1 or (args.learner_ranks is not None and args.learner_ranks < 1):
+    if (args.actors is not None and args.actors < 1) or (args.learner_ranks is not None and args.learner_ranks < 1):
         parser.error("--actors and --learner-ranks must be >= 1")
 
     overrides = list(args.overrides) + ([f"run.dir={args.run_dir}"] if args.run_dir else [])
@@ -69,9 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     if pinned:
         overrides += pinned
         config = load_config_or_exit(parser, args.config, overrides)
+    # One engine (or rank) per CPU, as one per GPU on a cluster: two vLLM engines on one CPU spend it
+    # twice on every weight update (each stages its own copy) and contend for the rest.
+    if args.actors is None:
+        args.actors = _one_per_cpu(config.placement.actor_cpus)
     if args.learner_ranks is None:
-        learner_cpus = parse_ids(config.placement.learner_cpus)
-        args.learner_ranks = min(2, len(learner_cpus)) if learner_cpus else 2
+        args.learner_ranks = _one_per_cpu(config.placement.learner_cpus)
     try:  # fail before any model is built when the placement cannot fit this machine
         plan(config.placement, actors=args.actors, learner_ranks=args.learner_ranks,
              tensor_parallel_size=config.actor.engine.tensor_parallel_size)
@@ -124,6 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     log.info("demo finished", **summary)
     _print_summary(summary)
     return 0
+
+
+def _one_per_cpu(cpus: str, most: int = 2) -> int:
+    """Daemons (actors, or learner ranks) on a CPU set: one per CPU up to `most`; `most` when unpinned."""
+    ids = parse_ids(cpus)
+    return min(most, len(ids)) if ids else most
 
 
 def default_cpu_placement(placement, cpus: list[int]) -> list[str]:

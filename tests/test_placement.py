@@ -55,6 +55,12 @@ def test_the_demo_splits_the_cpus_unless_the_config_names_some():
     assert default_cpu_placement(PlacementConfig(learner_cpus="1"), [0, 1]) == []  # the config decides
 
 
+def test_the_demo_runs_one_actor_and_one_learner_rank_per_cpu_up_to_two():
+    from tether.launch.demo import _one_per_cpu
+
+    assert [_one_per_cpu(cpus) for cpus in ("0", "0-1", "0-3", "")] == [1, 2, 2, 2]  # "": unpinned
+
+
 def test_actor_gpus_are_contiguous_tensor_parallel_sets():
     result = plan(PlacementConfig(actor_gpus="2-5", learner_gpus="0-1"), actors=2, learner_ranks=2,
                   tensor_parallel_size=2, available_cpus={0})
