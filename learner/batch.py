@@ -169,10 +169,9 @@ def prepare_batch(
     member_rewards = torch.tensor([r.reward for r in members], dtype=torch.float32)
     advantages = advantage_fn(member_rewards, group_indices(members))[:len(kept)]
     lengths = [r.prompt_token_ids.shape[0] + r.num_completion_tokens for r in kept]
-    nonzero = (advantages != 0).tolist()
-    trained = [i for i in range(len(kept)) if nonzero[i] or not skip_zero_advantage]
-    skipped = len(kept) - len(trained)
-    skipped_tokens = sum(r.num_completion_tokens for r in kept) - sum(kept[i].num_completion_tokens for i in trained)
+    left_out = [skip_zero_advantage and not nonzero for nonzero in (advantages != 0).tolist()]
+    trained = [i for i, out in enumerate(left_out) if not out]
+    skipped = [r for r, out in zip(kept, left_out, strict=True) if out]
     order = sorted(trained, key=lambda i: lengths[i])
     micro_batches, pad = [], 0
     for start in range(0, len(order), micro_batch_size):
@@ -181,5 +180,5 @@ def prepare_batch(
         pad += mb.input_ids.numel() - int(mb.attention_mask.sum())
         micro_batches.append(mb)
     return PreparedBatch(micro_batches, rewards, stale, empty, pad, sum(lengths[i] for i in trained), kept=tuple(kept),
-                         advantages=advantages.detach().cpu().numpy(), zero_advantage=skipped,
-                         zero_advantage_tokens=skipped_tokens)
+                         advantages=advantages.detach().cpu().numpy(), zero_advantage=len(skipped),
+                         zero_advantage_tokens=sum(r.num_completion_tokens for r in skipped))

@@ -167,7 +167,7 @@ def test_on_policy_gradient_is_policy_gradient(name):
 def test_zero_advantage_sequences_add_nothing_where_the_algorithm_says_so(name, aggregation):
     """learner.skip_zero_advantage relies on Algorithm.zero_advantage_is_inert: with the step's totals
     held fixed, dropping the advantage-0 sequences leaves the loss and the other rows' gradient unchanged,
-    also off-policy (ratios far from 1, clipped) and with stale tokens."""
+    also off-policy (ratios far from 1, clipped)."""
     algorithm = get_algorithm(name)
     assert algorithm.zero_advantage_is_inert
     torch.manual_seed(1)
