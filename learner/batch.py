@@ -10,6 +10,7 @@ rank complete groups and advantages are computed here over the rank's rollouts.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -76,6 +77,12 @@ class PreparedBatch:
     """Kept rollouts left out of the micro-batches because their advantage is exactly 0 (skip_zero_advantage)."""
     zero_advantage_tokens: int = 0
     """Their completion tokens: still part of the step's token total, so the loss's normalisation is unchanged."""
+    lag_sum: int = 0
+    """Sum over every kept completion token (trained on or skipped) of learner_version - its version."""
+    lag_min: float = math.inf
+    """Smallest lag of a kept token (inf when nothing was kept: neutral for a min over ranks)."""
+    lag_max: float = -math.inf
+    """Largest lag of a kept token (-inf when nothing was kept)."""
 
     @property
     def total_tokens(self) -> int:
@@ -181,4 +188,16 @@ def prepare_batch(
         micro_batches.append(mb)
     return PreparedBatch(micro_batches, rewards, stale, empty, pad, sum(lengths[i] for i in trained), kept=tuple(kept),
                          advantages=advantages.detach().cpu().numpy(), zero_advantage=len(skipped),
-                         zero_advantage_tokens=sum(r.num_completion_tokens for r in skipped))
+                         zero_advantage_tokens=sum(r.num_completion_tokens for r in skipped),
+                         **_lag_stats(kept, learner_version))
+
+
+def _lag_stats(kept: Sequence[Rollout], learner_version: int) -> dict:
+    """Lag of the batch's tokens, over every kept rollout: a property of what the step consumed, so
+    it does not depend on which rollouts the loss needed (skip_zero_advantage leaves some out)."""
+    return {
+        "lag_sum": sum(learner_version * r.num_completion_tokens - int(r.versions.numpy().sum(dtype=np.int64))
+                       for r in kept),
+        "lag_min": float(learner_version - max(r.max_version for r in kept)),
+        "lag_max": float(learner_version - min(r.min_version for r in kept)),
+    }

@@ -260,16 +260,18 @@ class Learner:
             micro_batches.append(filler.with_zero_weight())  # FSDP needs the same collectives on every rank
 
         # Every rank reports every key, even with nothing to train on (the reduction packs by name).
-        for name in ("loss", "entropy_sum", "kl_new_old_sum", "scored_tokens", "lag_sum", "parity_lag0_sum",
+        for name in ("loss", "entropy_sum", "kl_new_old_sum", "scored_tokens", "parity_lag0_sum",
                      "parity_lag0_tokens", "tokens_outside_support", "samples_skipped_nonfinite",
                      *(f"{n}_sum" for n in _LOSS_METRICS),
                      *(f"mixed_lag{k}_{s}" for k in range(cfg.max_lag + 1) for s in ("sum", "tokens"))):
             m.add(name, 0.0)
         m.max("parity_lag0_max", 0.0)
-        # A rank whose micro-batches are all zero-weight fillers (its share stale, empty or of zero
-        # advantage) scores no token; neutral extremes keep its key set the same as the others'.
-        m.min("lag_min", math.inf)
-        m.max("lag_max", -math.inf)
+        # Lag describes every token the step consumed, trained on or skipped; a rank that kept none
+        # reports neutral extremes, so every rank reduces the same keys.
+        m.min("lag_min", prepared.lag_min)
+        m.max("lag_max", prepared.lag_max)
+        m.add("lag_sum", float(prepared.lag_sum))
+        m.add("lag_tokens", float(prepared.total_tokens))
         for mb in micro_batches:
             self._micro_step(mb, total_tokens, total_sequences, m)
         return m, prepared
@@ -370,7 +372,7 @@ class Learner:
         self._token_metrics(mb, logprobs.detach(), behaviour, entropy, mask, m)
 
     def _token_metrics(self, mb: MicroBatch, logprobs, behaviour, entropy, mask, m: StepMetrics) -> None:
-        """Entropy, mismatch KL, lag and parity: learner (before the update) vs behaviour logprobs."""
+        """Entropy, mismatch KL and parity (by lag): learner (before the update) vs behaviour logprobs."""
         on = mask > 0
         d = (logprobs - behaviour).cpu()
         on_cpu = on.cpu()
@@ -378,10 +380,6 @@ class Learner:
         m.add("kl_new_old_sum", float(((torch.exp(d) - 1 - d) * on_cpu).sum()))
         m.add("scored_tokens", float(on_cpu.sum()))
         lag = self.version - mb.versions
-        if on_cpu.any():
-            m.min("lag_min", float(lag[on_cpu].min()))
-            m.max("lag_max", float(lag[on_cpu].max()))
-        m.add("lag_sum", float((lag * on_cpu).sum()))
         # A sequence is "pure" when all its tokens come from one version; only pure lag-0 sequences
         # are held to the parity floor (an in-flight update leaves old KV under new tokens).
         big = torch.iinfo(torch.long).max
@@ -416,7 +414,7 @@ class Learner:
             "grad_norm": grad_norm,
             "skipped_nonfinite": skipped_nonfinite, "steps_skipped_nonfinite": self.steps_skipped_nonfinite,
             "samples_skipped_nonfinite": int(g.sums["samples_skipped_nonfinite"]),
-            "lag_min": _finite_or_nan(g.mins["lag_min"]), "lag_mean": g.ratio("lag_sum", "scored_tokens"),
+            "lag_min": _finite_or_nan(g.mins["lag_min"]), "lag_mean": g.ratio("lag_sum", "lag_tokens"),
             "lag_max": _finite_or_nan(g.maxes["lag_max"]),
             "tokens_per_s": g.sums["completion_tokens"] / seconds,
             "sequence_tokens_per_s": g.sums["real_tokens"] / seconds,

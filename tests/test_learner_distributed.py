@@ -177,6 +177,9 @@ def test_skipping_zero_advantage_rollouts_under_fsdp_gives_the_same_weights(fsdp
     rows = _metrics(skipping)
     assert [r["samples_zero_advantage"] for r in rows] == [uniform] * STEPS
     assert rows[0]["loss"] == pytest.approx(_metrics(run_dir)[0]["loss"], abs=1e-7)
+    # lag describes every consumed token, so skipping changes none of it
+    lags = [[r[k] for k in ("lag_min", "lag_mean", "lag_max")] for r in rows]
+    assert lags == [[r[k] for k in ("lag_min", "lag_mean", "lag_max")] for r in _metrics(run_dir)]
     expected, got = _weights(run_dir, STEPS), _weights(skipping, STEPS)
     for name in expected:
         torch.testing.assert_close(got[name], expected[name], atol=1e-6, rtol=1e-5, msg=name)

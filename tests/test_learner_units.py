@@ -189,3 +189,19 @@ def test_zero_advantage_rollouts_are_kept_but_not_batched():
     uniform = prepare_batch(rollouts[:2], 0, 1, micro_batch_size=4, advantage_fn=group_normalised_advantages,
                             skip_zero_advantage=True)
     assert uniform.micro_batches == [] and uniform.total_tokens == 3
+
+
+def test_lag_covers_every_kept_token_including_skipped_ones():
+    """The step's lag describes what it consumed: a skipped (advantage-0) rollout's tokens count, a
+    dropped (stale or empty) one's do not, and a batch that kept nothing reports neutral extremes."""
+    rollouts = [_rollout(0, 0, 2, [3, 4], 1.0), _rollout(1, 0, 2, [5], 1.0),          # uniform: skipped
+                _rollout(2, 1, 2, [5, 5, 5], 1.0), _rollout(3, 1, 2, [4], 0.0),      # trained
+                _rollout(4, 2, 2, [1, 5], 1.0), _rollout(5, 2, 2, [], 0.0)]          # stale, empty
+    for skip in (False, True):
+        prepared = prepare_batch(rollouts, 5, 2, micro_batch_size=4, advantage_fn=group_normalised_advantages,
+                                 skip_zero_advantage=skip)
+        assert prepared.zero_advantage == (2 if skip else 0) and prepared.dropped_stale == 1
+        # tokens of r0..r3 at learner version 5: lags 2,1 | 0 | 0,0,0 | 1
+        assert (prepared.lag_min, prepared.lag_max, prepared.lag_sum) == (0.0, 2.0, 4)
+    nothing = prepare_batch(rollouts[4:], 5, 2, micro_batch_size=4, advantage_fn=group_normalised_advantages)
+    assert (nothing.lag_min, nothing.lag_max, nothing.lag_sum) == (math.inf, -math.inf, 0)
