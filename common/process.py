@@ -29,3 +29,15 @@ def die_with_parent(signum: int = signal.SIGKILL) -> bool:
     if os.getppid() != parent:  # the parent died before the request was in place
         os.kill(os.getpid(), signum)
     return True
+
+
+def exit_now(code: int) -> None:
+    """Flush stdout and stderr and end the process without the interpreter's teardown.
+
+    For a one-shot command whose results are already written: the final garbage collection walks
+    vLLM's and torch's whole object graph (10 s and more on a loaded machine) to free memory that the
+    exit frees anyway. Only for a process that has closed what it opened (files, engines).
+    """
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
