@@ -7,8 +7,9 @@ import asyncio
 import os
 import signal
 import socket
-import sys
 from pathlib import Path
+
+from tether.common.process import exit_now
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,4 +78,6 @@ def _interrupt(signum, frame):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # The engine is shut down and the broker connection closed: skip the interpreter's teardown, which
+    # took 6 s quiet and 16 s under load, time a launcher waits before its next step.
+    exit_now(main())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import signal
 import sys
@@ -36,8 +37,10 @@ def exit_now(code: int) -> None:
 
     For a one-shot command whose results are already written: the final garbage collection walks
     vLLM's and torch's whole object graph (10 s and more on a loaded machine) to free memory that the
-    exit frees anyway. Only for a process that has closed what it opened (files, engines).
+    exit frees anyway. Only for a process that has closed what it opened (files, engines); log
+    handlers are flushed and closed here.
     """
+    logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     os._exit(code)
