@@ -9,6 +9,7 @@ evaluation measures the numerics that RL samples from.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -48,19 +49,39 @@ class EvalReport:
     results: list[PromptResult] = field(default_factory=list)
 
 
-def start_engine(model_dir: str | Path, engine_cfg: EngineConfig, model_cfg: ModelConfig, device: str = "cpu"):
-    """A vllm.LLM with tether's pinned settings; refuses parity-breaking settings (check_parity)."""
+def start_engine(model_dir: str | Path, engine_cfg: EngineConfig, model_cfg: ModelConfig, device: str = "cpu",
+                 in_process: bool = False):
+    """A vllm.LLM with tether's pinned settings; refuses parity-breaking settings (check_parity).
+
+    `in_process` (for a one-shot pass): the engine core, and with tensor_parallel_size 1 its worker
+    too, run in this process: the same model runner and kernels, without spawning two processes that
+    each import vLLM again (12 s here, 40 s under load). An explicit VLLM_ENABLE_V1_MULTIPROCESSING in
+    the environment wins.
+    """
     check_parity(engine_cfg)
     from vllm import LLM
 
     import tether.actor.fp32_head  # noqa: F401  registers the fp32 head quantization engine_kwargs may name
 
     kwargs = engine_kwargs(engine_cfg, model_cfg, str(model_dir), device=resolve_device(device))
-    if engine_cfg.tensor_parallel_size == 1:
-        # The worker runs inside the engine process: the same model runner and kernels, one process
-        # (and one import of vLLM, 12 s here, 40 s under load) fewer to spawn for a one-shot pass.
-        kwargs["distributed_executor_backend"] = "uni"
-    return LLM(**kwargs)
+    if in_process and engine_cfg.tensor_parallel_size == 1:
+        kwargs["distributed_executor_backend"] = "uni"  # (on CPU vLLM keeps "mp" while multiprocessing)
+    with _environment("VLLM_ENABLE_V1_MULTIPROCESSING", "0" if in_process else None):
+        return LLM(**kwargs)
+
+
+@contextlib.contextmanager
+def _environment(name: str, value: str | None):
+    """`name` set to `value` (unless set already, or value is None) while the block runs; vLLM reads
+    its switches when the engine is built, so the setting does not outlive the call."""
+    if value is None or name in os.environ:
+        yield
+        return
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        del os.environ[name]
 
 
 def evaluate_greedy(
@@ -89,7 +110,7 @@ def evaluate_greedy(
     if not prompts:
         raise ValueError(f"task {task.name!r} has no held-out prompts")
     owned = llm is None
-    engine = start_engine(model_dir, engine_cfg, model_cfg, device) if owned else llm
+    engine = start_engine(model_dir, engine_cfg, model_cfg, device, in_process=True) if owned else llm
     try:
         params = SamplingParams(temperature=0.0, max_tokens=max_tokens, skip_special_tokens=True)
         tokenizer = engine.get_tokenizer()
@@ -130,9 +151,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", dest="json_path", default=None, help="also write the report (with results) as JSON")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. task.eval_size=100")
     args = parser.parse_args(argv)
-    # One greedy pass, then exit: the engine core can run in this process rather than a spawned one
-    # (which re-imports vLLM). Set before the engine reads it; an explicit setting is respected.
-    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     overrides = list(args.overrides) + ([f"task.name={args.task}"] if args.task else [])
     try:
         config = load_config(args.config, overrides)

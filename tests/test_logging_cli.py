@@ -52,3 +52,24 @@ def test_every_entry_point_names_a_bad_config_key_and_exits_2():
         assert result.returncode == 2, (module, result.stderr[-2000:])
         assert "config error: learner.lrr: unknown config key" in result.stderr, (module, result.stderr[-2000:])
         assert "Traceback" not in result.stderr, module
+
+
+def test_exit_now_keeps_logs_and_output_but_skips_teardown(tmp_path):
+    """exit_now ends a one-shot process without the interpreter's teardown (no atexit handler runs),
+    yet what it logged and printed is all there, and the exit code is the one given."""
+    script = (
+        "import atexit\n"
+        "from tether.common.logging import configure_logging, get_logger\n"
+        "from tether.common.process import exit_now\n"
+        f"configure_logging('unit', run_dir={str(tmp_path)!r}, level='info', console=False)\n"
+        "atexit.register(print, 'teardown ran')\n"
+        "get_logger('tether.test').info('report written', step=7)\n"
+        "print('result line', end='')\n"  # stdout to a pipe is block-buffered: lost unless flushed
+        "exit_now(3)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stderr
+    assert done.stdout == "result line"
+    (log_file,) = (tmp_path / "logs").glob("*.jsonl")
+    events = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert any(e["event"] == "report written" and e["step"] == 7 for e in events)

@@ -215,3 +215,23 @@ def test_actors_of_one_run_draw_different_prompts_the_same_actor_the_same_ones()
     assert actor_seed(0, "actor-0") == seeds["actor-0"] != actor_seed(1, "actor-0")
     streams = {a: [p.text for p in itertools.islice(task.train_prompts(s), 16)] for a, s in seeds.items()}
     assert len(set(streams["actor-0"]) & set(streams["actor-1"])) < 8  # independent draws from 1400 problems
+
+
+def test_in_process_evaluation_switch_lasts_only_while_the_engine_is_built(monkeypatch):
+    """start_engine(in_process=True) turns vLLM's multiprocessing off only around the engine's
+    construction (so a test or caller in the same process is unaffected), and an explicit setting wins."""
+    import os
+
+    from tether.actor.evaluate import _environment
+
+    monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
+    with _environment("VLLM_ENABLE_V1_MULTIPROCESSING", "0"):
+        assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ
+    with pytest.raises(RuntimeError), _environment("VLLM_ENABLE_V1_MULTIPROCESSING", "0"):
+        raise RuntimeError("engine failed to start")
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    with _environment("VLLM_ENABLE_V1_MULTIPROCESSING", "0"):
+        assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
