@@ -9,9 +9,7 @@ evaluation measures the numerics that RL samples from.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,7 +20,7 @@ from tether.actor.tasks import Task, build_task
 from tether.common.config import EngineConfig, ModelConfig, load_config
 from tether.common.device import resolve_device
 from tether.common.errors import ConfigError, TaskDataError
-from tether.common.process import exit_now
+from tether.common.process import environment_set, exit_now
 
 
 @dataclass(frozen=True)
@@ -66,22 +64,9 @@ def start_engine(model_dir: str | Path, engine_cfg: EngineConfig, model_cfg: Mod
     kwargs = engine_kwargs(engine_cfg, model_cfg, str(model_dir), device=resolve_device(device))
     if in_process and engine_cfg.tensor_parallel_size == 1:
         kwargs["distributed_executor_backend"] = "uni"  # (on CPU vLLM keeps "mp" while multiprocessing)
-    with _environment("VLLM_ENABLE_V1_MULTIPROCESSING", "0" if in_process else None):
+    # vLLM reads the switch when the engine is built; a user's explicit setting wins.
+    with environment_set("VLLM_ENABLE_V1_MULTIPROCESSING", "0" if in_process else None, keep_existing=True):
         return LLM(**kwargs)
-
-
-@contextlib.contextmanager
-def _environment(name: str, value: str | None):
-    """`name` set to `value` (unless set already, or value is None) while the block runs; vLLM reads
-    its switches when the engine is built, so the setting does not outlive the call."""
-    if value is None or name in os.environ:
-        yield
-        return
-    os.environ[name] = value
-    try:
-        yield
-    finally:
-        del os.environ[name]
 
 
 def evaluate_greedy(

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
 import signal
 import sys
+from collections.abc import Iterator
 
 _PR_SET_PDEATHSIG = 1
 
@@ -44,3 +46,26 @@ def exit_now(code: int) -> None:
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     os._exit(code)
+
+
+@contextlib.contextmanager
+def environment_set(name: str, value: str | None, *, keep_existing: bool) -> Iterator[None]:
+    """`name` set to `value` while the block runs, restored (or removed) after it.
+
+    For a library switch read from the environment when something is built (vLLM's engine, a NCCL
+    process group): the setting should not outlive that construction. `keep_existing`: a value the
+    user already set wins (the block runs with it); otherwise ours replaces it for the block.
+    `value` None changes nothing.
+    """
+    previous = os.environ.get(name)
+    if value is None or (keep_existing and previous is not None):
+        yield
+        return
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous

@@ -30,7 +30,6 @@ Every collective has a timeout: a dead peer makes the others fail with an error 
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ import torch
 import torch.distributed as dist
 
 from tether.common.messages import TensorSpec
+from tether.common.process import environment_set
 
 ALIGN = 64
 """Byte alignment of each tensor inside a bucket (any dtype can view an aligned slice)."""
@@ -226,15 +226,8 @@ def _nccl_group(store: dist.Store, rank: int, world_size: int, timeout: timedelt
     """
     options = dist.ProcessGroupNCCL.Options()
     options._timeout = timeout
-    previous = os.environ.get(_NCCL_ERROR_HANDLING)
-    os.environ[_NCCL_ERROR_HANDLING] = "2"
-    try:
+    with environment_set(_NCCL_ERROR_HANDLING, "2", keep_existing=False):
         return dist.ProcessGroupNCCL(store, rank, world_size, options)
-    finally:
-        if previous is None:
-            os.environ.pop(_NCCL_ERROR_HANDLING, None)
-        else:
-            os.environ[_NCCL_ERROR_HANDLING] = previous
 
 
 _NCCL_ERROR_HANDLING = "TORCH_NCCL_ASYNC_ERROR_HANDLING"

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
+
+import pytest
 
 from tether.common.cli import SUBCOMMANDS
 from tether.common.logging import configure_logging, get_logger
@@ -73,3 +76,24 @@ def test_exit_now_keeps_logs_and_output_but_skips_teardown(tmp_path):
     (log_file,) = (tmp_path / "logs").glob("*.jsonl")
     events = [json.loads(line) for line in log_file.read_text().splitlines()]
     assert any(e["event"] == "report written" and e["step"] == 7 for e in events)
+
+
+def test_environment_set_restores_what_was_there(monkeypatch):
+    """The switch lasts for the block only, even when the block raises; keep_existing decides
+    whether a value already set wins or is replaced for the block."""
+    from tether.common.process import environment_set
+
+    name = "TETHER_TEST_SWITCH"
+    monkeypatch.delenv(name, raising=False)
+    with pytest.raises(RuntimeError), environment_set(name, "0", keep_existing=True):
+        assert os.environ[name] == "0"
+        raise RuntimeError("construction failed")
+    assert name not in os.environ
+    monkeypatch.setenv(name, "1")
+    with environment_set(name, "0", keep_existing=True):
+        assert os.environ[name] == "1"
+    with environment_set(name, "2", keep_existing=False):
+        assert os.environ[name] == "2"
+    assert os.environ[name] == "1"
+    with environment_set(name, None, keep_existing=False):
+        assert os.environ[name] == "1"

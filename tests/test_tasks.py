@@ -217,21 +217,31 @@ def test_actors_of_one_run_draw_different_prompts_the_same_actor_the_same_ones()
     assert len(set(streams["actor-0"]) & set(streams["actor-1"])) < 8  # independent draws from 1400 problems
 
 
-def test_in_process_evaluation_switch_lasts_only_while_the_engine_is_built(monkeypatch):
-    """start_engine(in_process=True) turns vLLM's multiprocessing off only around the engine's
-    construction (so a test or caller in the same process is unaffected), and an explicit setting wins."""
+def test_in_process_evaluation_switch_lasts_only_while_the_engine_is_built(monkeypatch, tmp_path):
+    """start_engine(in_process=True) turns vLLM's multiprocessing off (and picks the in-process
+    executor) only while the engine is built, so a caller in the same process is unaffected; an
+    explicit setting wins; without in_process nothing changes."""
     import os
 
-    from tether.actor.evaluate import _environment
+    import vllm
 
+    from tether.actor.evaluate import start_engine
+    from tether.common.config import EngineConfig, ModelConfig
+
+    seen = []
+
+    class RecordingLLM:
+        def __init__(self, **kwargs):
+            seen.append((os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING"), kwargs.get("distributed_executor_backend")))
+
+    monkeypatch.setattr(vllm, "LLM", RecordingLLM)
     monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING", raising=False)
-    with _environment("VLLM_ENABLE_V1_MULTIPROCESSING", "0"):
-        assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
-    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ
-    with pytest.raises(RuntimeError), _environment("VLLM_ENABLE_V1_MULTIPROCESSING", "0"):
-        raise RuntimeError("engine failed to start")
-    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ
+    engine, model = EngineConfig(), ModelConfig()
+    start_engine(tmp_path, engine, model, in_process=True)
+    assert seen[-1] == ("0", "uni") and "VLLM_ENABLE_V1_MULTIPROCESSING" not in os.environ
+    start_engine(tmp_path, engine, model)
+    assert seen[-1] == (None, None)
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
-    with _environment("VLLM_ENABLE_V1_MULTIPROCESSING", "0"):
-        assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
+    start_engine(tmp_path, engine, model, in_process=True)
+    assert seen[-1][0] == "1" and os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
     assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "1"
