@@ -331,28 +331,44 @@ class Ledger:
             self.journal = journal
 
     def maybe_compact(self, *, at_start: bool = False) -> None:
-        """Compact when due (or `at_start`, after a replay), unless compaction is off."""
+        """Compact when due: in this thread `at_start` (after a replay, before serving), else in the
+        background (the journal swaps the result in later); nothing when compaction is off."""
         if self.journal is None or self.compact_every is None:
             return
-        if at_start or self.journal.finished_since_compaction >= self.compact_every:
+        if at_start:
             self.compact()
+            return
+        self.journal.poll_rewrite()
+        if self.journal.finished_since_compaction >= self.compact_every and not self.journal.rewriting:
+            self.compact(background=True)
 
-    def compact(self) -> None:
-        """Rewrite the journal as: META, SEEN (de-dup window), RESTORE of everything live, LEASEs."""
+    def compact(self, *, background: bool = False) -> None:
+        """Rewrite the journal as: META, SEEN (de-dup window), RESTORE of everything live, LEASEs.
+
+        The snapshot is taken here, in the caller's thread: lists of the (immutable) records as they
+        are now, so a background rewrite encodes a consistent state while the ledger moves on."""
         if self.journal is None:
             return
+        meta = self.meta() if self.meta is not None else Meta(
+            latest_version=0, lineage=[], epoch=0, committed_version=-1, session="", **self.counters())
+        finished = list(self._finished)
+        buffered = list(self.buffer.rollouts())
+        leases = [(list(lease.rollouts), Lease(key=lease.key, session=lease.session, rank=lease.rank, seq=lease.seq,
+                                               step=lease.step, ids=[r.rollout_id for r in lease.rollouts]))
+                  for lease in self.leases.values()]
 
         def records():
-            yield frame(META, self.meta() if self.meta is not None else Meta(
-                latest_version=0, lineage=[], epoch=0, committed_version=-1, session="", **self.counters()))
-            if self._finished:
-                yield frame(SEEN, Ids(ids=list(self._finished)))
-            for rollout in self.buffer.rollouts():
+            yield frame(META, meta)
+            if finished:
+                yield frame(SEEN, Ids(ids=finished))
+            for rollout in buffered:
                 yield frame(RESTORE, rollout)
-            for lease in self.leases.values():
-                for rollout in lease.rollouts:
+            for rollouts, lease in leases:
+                for rollout in rollouts:
                     yield frame(RESTORE, rollout)
-                yield frame(LEASE, Lease(key=lease.key, session=lease.session, rank=lease.rank, seq=lease.seq,
-                                         step=lease.step, ids=[r.rollout_id for r in lease.rollouts]))
+                yield frame(LEASE, lease)
 
-        self.journal.rewrite(records())
+        if background:
+            self.journal.rewrite_in_background(records())
+        else:
+            self.journal.rewrite(records())

@@ -268,3 +268,123 @@ def test_a_message_mixing_invalid_stale_fresh_and_repeated_rollouts_journals_the
     assert put_payloads(h.journal_path) == [sent[0], sent[3], sent[5]]
     h.restart()
     assert list(h.state.ledger.buffer.rollouts()) == fresh and balanced(h.state)
+
+
+# ----------------------------------------------------------------------------- compaction in the background
+
+
+def _gated_rewrites(monkeypatch) -> threading.Event:
+    """Background compactions wait for the returned event before writing anything."""
+    gate = threading.Event()
+
+    class Gated(journal_module._Rewrite):
+        def _run(self) -> None:
+            gate.wait(30)
+            super()._run()
+
+    monkeypatch.setattr(journal_module, "_Rewrite", Gated)
+    return gate
+
+
+def _ledger_on(path) -> Ledger:
+    return Ledger(64, dedup_window=100, journal=Journal(path, fsync="never"), clock=FakeClock(), compact_every=None)
+
+
+def _books(ledger: Ledger) -> tuple:
+    return (ledger.depth, ledger.leased, ledger.counters(), sorted(ledger.leases),
+            sorted(r.rollout_id for r in ledger.buffer.rollouts()))
+
+
+@pytest.mark.parametrize("tail_for_loop", [journal_module._TAIL_FOR_LOOP, 0])
+def test_a_background_compaction_keeps_what_was_appended_while_it_ran(tmp_path, monkeypatch, tail_for_loop):
+    """The ledger moves on (stores, leases, commits) while the compaction runs; once swapped in, the
+    file is compacted and replays to the same books. With tail_for_loop 0 the compaction's thread
+    copies the appended records itself; by default the loop copies them when it swaps."""
+    monkeypatch.setattr(journal_module, "_TAIL_FOR_LOOP", tail_for_loop)
+    gate = _gated_rewrites(monkeypatch)
+    path = tmp_path / "j.bin"
+    ledger = _ledger_on(path)
+    ledger.store([make_rollout(f"a{i}", f"ga{i}") for i in range(12)])
+    ledger.lease("s1", 0, 1, 0, 8)
+    ledger.commit("s1", 1)  # 8 consumed: their PUT records are what the compaction drops
+    ledger.compact(background=True)
+    assert ledger.journal.rewriting and not ledger.journal.poll_rewrite()  # still waiting at the gate
+    ledger.store([make_rollout(f"b{i}", f"gb{i}") for i in range(6)])
+    ledger.lease("s1", 0, 2, 1, 4)  # leases snapshot rollouts (a0-a3 buffered then) and new ones
+    ledger.commit("s1", 1)  # nothing of step 1 yet: the lease stays
+    ledger.drop_groups(["gb5"], "test")
+    gate.set()
+    assert ledger.journal.poll_rewrite(wait=True) and not ledger.journal.rewriting
+    assert not (tmp_path / "j.bin.tmp").exists()
+    ledger.store([make_rollout("c0", "gc0")])  # appends go on to the new file
+    books = _books(ledger)
+    ledger.journal.close()
+    rollouts = [value.rollout_id for kind, value in Journal(path).replay() if kind in (PUT, journal_module.RESTORE)]
+    assert sorted(rollouts) == sorted(f"a{i}" for i in range(8, 12)) + [f"b{i}" for i in range(6)] + ["c0"]
+    again = _ledger_on(path)
+    again.replay()
+    assert _books(again) == books and again.known("a0") and again.known("b5") and again.balanced()
+
+
+def test_a_broker_killed_mid_compaction_replays_the_whole_journal(tmp_path, monkeypatch):
+    gate = _gated_rewrites(monkeypatch)
+    path = tmp_path / "j.bin"
+    ledger = _ledger_on(path)
+    ledger.store([make_rollout(f"a{i}", f"ga{i}") for i in range(6)])
+    ledger.lease("s1", 0, 1, 0, 4)
+    ledger.commit("s1", 1)
+    ledger.compact(background=True)
+    ledger.store([make_rollout("b0", "gb0")])
+    books = _books(ledger)
+    closer = threading.Thread(target=ledger.journal.close)  # as the restart helper's kill does
+    closer.start()
+    gate.set()
+    closer.join(30)
+    assert not closer.is_alive() and not (tmp_path / "j.bin.tmp").exists()
+    again = _ledger_on(path)
+    again.replay()
+    assert _books(again) == books and again.known("a0") and again.balanced()
+
+
+def test_a_failed_background_compaction_is_raised_in_the_loop_and_loses_nothing(tmp_path, monkeypatch):
+    path = tmp_path / "j.bin"
+    ledger = _ledger_on(path)
+    ledger.store([make_rollout(f"a{i}", f"ga{i}") for i in range(3)])
+
+    def failing():
+        yield journal_module.frame(journal_module.SEEN, journal_module.Ids(ids=["x"]))
+        raise OSError("No space left on device")
+
+    assert ledger.journal.rewrite_in_background(failing())
+    with pytest.raises(OSError, match="No space left"):
+        ledger.journal.poll_rewrite(wait=True)
+    assert not (tmp_path / "j.bin.tmp").exists() and not ledger.journal.rewriting
+    ledger.store([make_rollout("b0", "gb0")])
+    books = _books(ledger)
+    ledger.journal.close()
+    again = _ledger_on(path)
+    again.replay()
+    assert _books(again) == books
+
+
+def test_compaction_runs_in_the_background_during_a_run_and_at_start_in_place(tmp_path, monkeypatch):
+    """Due compactions start in the background as rollouts finish; the one after a replay, before
+    the broker serves, runs in place."""
+    gate = _gated_rewrites(monkeypatch)
+    h = Restartable(tmp_path, buffer_capacity=4, dedup_window=4)  # compacts every 16 finished
+    h.learner()
+    h.actor("a0")
+    for step in range(5):
+        h.submit("a0", [make_rollout(f"r{step}-{i}", f"g{step}-{i}", version=step) for i in range(4)])
+        bodies(h.request(seq=step + 1, size=4, version=step), RolloutBatch)
+        h.publish(step + 1)
+        h.send("L0", Commit(version=step + 1))
+    journal = h.state.ledger.journal
+    assert journal.rewriting  # 20 finished: one compaction started, held at the gate
+    gate.set()
+    journal.poll_rewrite(wait=True)
+    assert journal.finished_since_compaction == 4  # those of step 4 came after its snapshot
+    h.restart()  # replays, then compacts in place (the gate is open, and it is not used)
+    assert not h.state.ledger.journal.rewriting and h.state.ledger.journal.finished_since_compaction == 0
+    status = h.state.status()
+    assert (status.stored_total, status.consumed_total, status.buffer_depth) == (20, 20, 0) and balanced(h.state)
