@@ -1,16 +1,21 @@
 """Broker benchmark: rollouts/s and ack latency of a real broker daemon under 64 actors, journal on and off.
 
     python -m benchmarks.bench_broker [--quick] [--actors 64] [--procs 4] [--seconds 10] [--tokens 1000]
-                                      [--group-size 8] [--window 2] [--rate 20000] [--modes saturate,half,goal]
-                                      [--journal on,off] [--profile DIR]
+                                      [--group-size 8] [--window 2] [--rate 20000] [--modes echo,saturate,half,goal]
+                                      [--journal on,off] [--broker-cpus auto] [--load-cpus auto] [--profile DIR]
 
 A broker daemon (`python -m tether.broker`) runs as a subprocess on 127.0.0.1. The load comes
 from `--procs` client processes (benchmarks/broker_load.py) that drive the actors over raw
 ZeroMQ DEALER sockets with SubmitRollouts messages encoded before the clock starts, one whole group
 of `--group-size` rollouts per message as actor daemons send them; a learner process leases
-batches and commits each one, so the buffer never fills. Each configuration runs on a fresh broker
-with a fresh run directory:
+batches and commits each one, so the buffer never fills. The broker runs on its own CPUs and the
+load on the others (by default the last CPU and the rest; `--broker-cpus none` shares them all), so
+the load generator does not take the broker's CPU, as actors on other nodes would not. Each
+configuration runs on a fresh broker with a fresh run directory:
 
+  echo       benchmarks/broker_echo.py in the broker's place, saturated: the bare transport answers
+             every message and does nothing else. The broker's saturated rate over this one is the
+             share of the transport's ceiling (on the same CPUs, with the same load) it reaches.
   saturate   every actor keeps `--window` messages in flight: the most the broker sustains. Ack
              latency here is queueing (Little's law: in flight / throughput), not service time.
   goal       the clients offer `--rate` rollouts/s in total (the issue's goal, 20k/s), window as a
@@ -54,9 +59,11 @@ from benchmarks.broker_load import (
     wait_for_broker,
 )
 from tether.common import wire
+from tether.common.config.placement import parse_ids
 from tether.common.logging import configure_logging
 from tether.common.messages import SubmitRollouts
 from tether.common.net import free_port
+from tether.launch.placement import format_ids
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VOCAB_SIZE = 32000
@@ -102,13 +109,17 @@ def _machine_busy() -> tuple[float, float]:
     return (total - idle) / os.sysconf("SC_CLK_TCK"), total / os.sysconf("SC_CLK_TCK")
 
 
-def _broker_command(args, port: int, run_dir: Path, journal: bool, batch: int) -> list[str]:
+def _broker_command(args, port: int, run_dir: Path, journal: bool, batch: int, echo: bool = False) -> list[str]:
+    pin = [sys.executable, "-m", "tether.launch.placement", "pin", args.broker_cpus, "--"] if args.broker_cpus else []
+    if echo:
+        return [*pin, sys.executable, "-m", "benchmarks.broker_echo", f"--port={port}",
+                f"--group-size={args.group_size}"]
     model_dir = run_dir / "model"  # only a config.json: the broker then range-checks token ids
     model_dir.mkdir(parents=True)
     (model_dir / "config.json").write_text(json.dumps({"vocab_size": VOCAB_SIZE}))
     in_flight = args.actors * args.window * args.group_size
     return [
-        sys.executable, "-m", "tether.broker",
+        *pin, sys.executable, "-m", "tether.broker",
         f"broker.port={port}", "broker.host=127.0.0.1", "broker.host_store=false", f"run.dir={run_dir}",
         "run.log_level=warning", f"model.path={model_dir}", "broker.peer_timeout_s=60",
         # Room for everything in flight plus batches the learner has not fetched yet: the learner
@@ -122,17 +133,23 @@ def _broker_command(args, port: int, run_dir: Path, journal: bool, batch: int) -
 
 
 def run_config(args, *, journal: bool, rate: float, mode: str) -> dict:
-    """One fresh broker under one load (`rate` rollouts/s offered; 0: saturate); returns the row."""
-    label = f"journal {'on' if journal else 'off'}, " + (f"{mode} {rate:.0f}/s" if rate else mode)
+    """One fresh broker under one load (`rate` rollouts/s offered; 0: saturate); returns the row.
+    Mode "echo": benchmarks/broker_echo.py in the broker's place, saturated (`journal` is ignored)."""
+    echo = mode == "echo"
+    if echo:
+        label = "bare ZeroMQ echo, saturate"
+    else:
+        label = f"journal {'on' if journal else 'off'}, " + (f"{mode} {rate:.0f}/s" if rate else mode)
     print(f"[bench_broker] {label}: {args.actors} actors, {args.seconds:.0f} s", flush=True)
     batch = max(args.group_size, (args.batch // args.group_size) * args.group_size)
     port = free_port()
     run_dir = Path(tempfile.mkdtemp(prefix="bench-broker-"))
-    broker = subprocess.Popen(_broker_command(args, port, run_dir, journal, batch), stdout=subprocess.DEVNULL,
+    broker = subprocess.Popen(_broker_command(args, port, run_dir, journal, batch, echo), stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE)
     ctx = mp.get_context("spawn")
     ready, out, stop = ctx.Queue(), ctx.Queue(), ctx.Event()
     procs, gos = [], []
+    load_cpus = set(parse_ids(args.load_cpus))
     profiler = None
     try:
         wait_for_broker(port, alive=lambda: broker.poll() is None)
@@ -143,10 +160,12 @@ def run_config(args, *, journal: bool, rate: float, mode: str) -> dict:
                             prompt_tokens=args.prompt_tokens, vocab_size=VOCAB_SIZE, window=args.window,
                             rate=rate * len(shard) / args.actors)
             go = ctx.Queue()
-            procs.append(ctx.Process(target=actor_process, args=(spec, shard, 1000 * k, ready, go, out), daemon=True))
+            procs.append(ctx.Process(target=_pinned, args=(load_cpus, actor_process, spec, shard, 1000 * k, ready, go, out),
+                                     daemon=True))
             gos.append(go)
         go = ctx.Queue()
-        procs.append(ctx.Process(target=learner_process, args=(port, batch, args.learner_ranks, ready, go, stop, out), daemon=True))
+        procs.append(ctx.Process(target=_pinned, args=(load_cpus, learner_process, port, batch, args.learner_ranks, ready,
+                                                       go, stop, out), daemon=True))
         gos.append(go)
         for p in procs:
             p.start()
@@ -193,7 +212,7 @@ def run_config(args, *, journal: bool, rate: float, mode: str) -> dict:
     acked = sum(r["acked"] for r in actors)
     cores = os.cpu_count() or 1
     row = {
-        "label": label, "journal": journal, "mode": mode, "offered_rollouts_per_s": rate,
+        "label": label, "journal": None if echo else journal, "mode": mode, "offered_rollouts_per_s": rate,
         "window": args.window, "rollouts_per_s": acked / args.seconds, "messages_acked": len(lat),
         "leased_per_s": learner["leased"] / args.seconds,
         "mb_per_s": acked / args.seconds * _rollout_bytes(args) / 1e6,
@@ -214,6 +233,28 @@ def run_config(args, *, journal: bool, rate: float, mode: str) -> dict:
     if row["first_error"]:
         print(f"[bench_broker]   error: {row['first_error']}", flush=True)
     return row
+
+
+def _cpu_sets(broker: str, load: str) -> tuple[str, str]:
+    """The broker's and the load's CPU lists ("" = unpinned) from the --broker-cpus/--load-cpus forms."""
+    mine = sorted(os.sched_getaffinity(0))
+    if broker == "auto":
+        broker = str(mine[-1]) if len(mine) >= 2 else ""
+    if load == "auto":
+        load = format_ids([c for c in mine if c not in set(parse_ids(broker))]) if broker else ""
+    broker, load = ("" if broker == "none" else broker), ("" if load == "none" else load)
+    shared = set(parse_ids(broker)) & set(parse_ids(load))
+    if shared:
+        raise SystemExit(f"--broker-cpus and --load-cpus share CPUs {sorted(shared)}")
+    return broker, load
+
+
+def _pinned(cpus: set[int], target, *args) -> None:
+    """Run `target(*args)` in this process on `cpus` (empty: where it was started), set before
+    ZeroMQ starts its I/O thread so that the thread inherits the set."""
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+    target(*args)
 
 
 def _rollout_bytes(args) -> int:
@@ -260,13 +301,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate", type=float, default=GOAL_ROLLOUTS_PER_S, help="offered rollouts/s when paced")
     parser.add_argument("--batch", type=int, default=1024, help="rollouts per learner batch")
     parser.add_argument("--learner-ranks", type=int, default=2, help="learner ranks asking for batches at once")
-    parser.add_argument("--modes", default="saturate,half,goal", help="comma-separated: saturate, half, goal")
+    parser.add_argument("--modes", default="echo,saturate,half,goal",
+                        help="comma-separated: echo (bare ZeroMQ in the broker's place), saturate, half, goal")
     parser.add_argument("--inproc-rollouts", type=int, default=20_000, help="0 skips the in-process measure")
     parser.add_argument("--journal", default="on,off", help="comma-separated: on, off")
     parser.add_argument("--profile", default="", help="directory for py-spy profiles of the broker")
+    parser.add_argument("--broker-cpus", default="auto",
+                        help="CPU set of the broker daemon, e.g. 3; auto: the last CPU this process may use (none "
+                             "with fewer than 2); none: unpinned")
+    parser.add_argument("--load-cpus", default="auto",
+                        help="CPU set of the client and learner processes; auto: the others; none: unpinned")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra config override for the broker daemon, e.g. broker.journal_fsync=never")
     args = parser.parse_args(argv)
+    args.broker_cpus, args.load_cpus = _cpu_sets(args.broker_cpus, args.load_cpus)
     if args.quick:
         args.seconds, args.warmup = min(args.seconds, 3.0), min(args.warmup, 1.0)
         args.inproc_rollouts = min(args.inproc_rollouts, 5_000)
@@ -274,9 +322,13 @@ def main(argv: list[str] | None = None) -> int:
     wire_stats = bench_wire(args.tokens, args.group_size, 0.5 if args.quick else 1.0)
     rows = []
     modes = args.modes.split(",")
+    if "echo" in modes:
+        rows.append(run_config(args, journal=False, rate=0.0, mode="echo"))
     for journal in args.journal.split(","):
         saturated = None
         for mode in modes:
+            if mode == "echo":
+                continue
             if mode == "half" and saturated is None:
                 continue  # half of what saturate reached: needs a saturate run before it
             rate = {"saturate": 0.0, "goal": args.rate, "half": (saturated or 0.0) / 2}[mode]
@@ -293,10 +345,14 @@ def main(argv: list[str] | None = None) -> int:
                                             group_size=args.group_size, tokens=args.tokens, journal=journal == "on",
                                             vocab_size=VOCAB_SIZE, parked=parked))
     head = next((r for r in rows if r["journal"] and r["mode"] == "saturate"), rows[0])
+    echo = next((r for r in rows if r["mode"] == "echo"), None)
+    # The broker's share of what the transport carries on the same CPUs with the same load.
+    of_echo = head["rollouts_per_s"] / echo["rollouts_per_s"] if echo and echo["rollouts_per_s"] else None
     result = {
         # The headline (journal on, saturated) at the top level, where benchmarks/run_all.py reads it.
         "actors": args.actors, "tokens": args.tokens, "rollouts_per_s": head["rollouts_per_s"],
-        "ack_p50_ms": head["ack_p50_ms"], "ack_p99_ms": head["ack_p99_ms"],
+        "ack_p50_ms": head["ack_p50_ms"], "ack_p99_ms": head["ack_p99_ms"], "of_echo": of_echo,
+        "broker_cpus": args.broker_cpus, "load_cpus": args.load_cpus,
         "goal": {"rollouts_per_s": GOAL_ROLLOUTS_PER_S, "p99_ms": GOAL_P99_MS, "journal": True},
         "config": {k: v for k, v in vars(args).items() if k != "profile"}, "rows": rows, "inproc": inproc,
         "wire": wire_stats,
@@ -305,8 +361,11 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"{args.actors} actors in {args.procs} client processes, {args.group_size} rollouts of {args.tokens} "
           f"tokens per message, window {args.window} messages/actor, {args.seconds:.0f} s each; "
-          f"CPU 100% = one core of {os.cpu_count()}")
+          f"CPU 100% = one core of {os.cpu_count()}; broker on CPUs {args.broker_cpus or 'any'}, "
+          f"load on CPUs {args.load_cpus or 'any'}")
     print(format_table(rows))
+    if of_echo is not None:
+        print(f"broker (journal on, saturated) / bare ZeroMQ echo on the same CPUs: {of_echo:.2f}")
     for r in inproc:
         what = f"journal {'on ' if r['journal'] else 'off'}" + (", every actor's GenerationRequest parked"
                                                               if r["parked_requests"] else "")

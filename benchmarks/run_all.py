@@ -128,6 +128,10 @@ def table_rows(results: dict) -> list[tuple[str, str, str, str]]:
                          f"{b['actors']} actors, {b['tokens']} tokens; ack p50 {_fmt(r['ack_p50_ms'], '.1f')} ms, "
                          f"p99 {_fmt(r['ack_p99_ms'], '.1f')} ms; broker CPU {r['broker_cpu_pct']:.0f}%, "
                          f"{_fmt(r['broker_cpu_us_per_rollout'], '.0f')} us/rollout"))
+        if b.get("of_echo") is not None:
+            rows.append(("broker", "broker / bare ZeroMQ echo, rollouts/s", _fmt(b["of_echo"], ".2f"),
+                         f"journal on, saturated; broker on CPUs {b.get('broker_cpus') or 'any'}, "
+                         f"load on CPUs {b.get('load_cpus') or 'any'}"))
         for r in b.get("inproc", []):
             parked = ", requests parked" if r.get("parked_requests") else ""
             rows.append(("broker", f"alone, us CPU/rollout, journal {'on' if r['journal'] else 'off'}{parked}",

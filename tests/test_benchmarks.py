@@ -1,13 +1,21 @@
-"""`make bench`'s table reads what the benchmarks write (their JSON shapes, not their timings)."""
+"""`make bench`'s table reads what the benchmarks write (their JSON shapes, not their timings); the broker
+benchmark also runs for a second against the real daemon."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 from dataclasses import asdict
 
+import pytest
+
+from benchmarks import bench_broker
 from benchmarks.bench_race import report
 from benchmarks.run_all import table_rows
+from tether.common.config.placement import parse_ids
 from tether.launch.chaos import Audit, ChaosReport, FaultResult
+from tether.launch.placement import format_ids
 
 
 def _race_row(mode: str, seed: int, reward_s: float | None, step_s: float) -> dict:
@@ -51,3 +59,37 @@ def test_chaos_rows_carry_the_audit_and_failed_benchmarks_say_so():
     assert _row(table, "chaos", "acked rollouts lost / trained twice")[2] == "0 / 0"
     assert _row(table, "broker", "rollouts/s")[2:] == ("failed", "exit 1: boom")
     assert _row(table, "actor", "tokens/s")[2] == "skipped"
+
+
+@pytest.mark.slow
+def test_broker_benchmark_runs_the_broker_and_the_bare_transport_on_their_own_cpus(tmp_path, monkeypatch):
+    """A short bench_broker run against the real daemon and the echo stand-in: both answer every
+    message the load sends, and the broker's share of the echo's rate is reported."""
+    monkeypatch.setattr(bench_broker, "RESULTS", tmp_path)
+    cpus = sorted(os.sched_getaffinity(0))
+    placement = ["--broker-cpus", str(cpus[-1]), "--load-cpus", format_ids(cpus[:-1])] if len(cpus) > 1 else []
+    assert bench_broker.main(["--actors", "4", "--procs", "1", "--seconds", "1", "--warmup", "0.5", "--tokens", "64",
+                              "--batch", "16", "--learner-ranks", "1", "--modes", "echo,saturate", "--journal", "on",
+                              "--inproc-rollouts", "0", *placement]) == 0
+    result = json.loads(next(tmp_path.glob("bench_broker-*.json")).read_text())
+    echo, broker = result["rows"]
+    assert echo["mode"] == "echo" and broker["journal"] is True
+    for row in (echo, broker):
+        assert row["rollouts_per_s"] > 0 and row["errors"] == 0 and row["invalid"] == 0, row
+    assert broker["leased_per_s"] > 0  # the real broker served the learner; the echo serves nobody
+    assert result["of_echo"] == pytest.approx(broker["rollouts_per_s"] / echo["rollouts_per_s"])
+    table = table_rows({"broker": {"ok": True, "json": result}})
+    assert _row(table, "broker", "broker / bare ZeroMQ echo")[2] == f"{result['of_echo']:.2f}"
+
+
+def test_broker_benchmark_cpu_sets():
+    cpus = sorted(os.sched_getaffinity(0))
+    broker, load = bench_broker._cpu_sets("auto", "auto")
+    if len(cpus) >= 2:
+        assert broker == str(cpus[-1]) and parse_ids(load) == cpus[:-1]
+    else:
+        assert (broker, load) == ("", "")
+    assert bench_broker._cpu_sets("none", "none") == ("", "")
+    assert bench_broker._cpu_sets("3", "0-2") == ("3", "0-2")
+    with pytest.raises(SystemExit, match="share CPUs"):
+        bench_broker._cpu_sets("1", "0-1")
