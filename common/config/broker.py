@@ -54,9 +54,9 @@ class BrokerConfig(Section):
     journal_fsync_interval_s: float = 1.0
     """Seconds between fsyncs of the journal when journal_fsync=interval."""
     journal_compact_every: int = 0
-    """Rewrite the journal after this many rollouts were consumed or dropped since the last rewrite.
-    0: max(4 x buffer_capacity, dedup_window); -1: never (the journal then keeps the whole history,
-    which an exactly-once audit reads)."""
+    """Rewrite the journal (in a background thread; acks go on) after this many rollouts were consumed or
+    dropped since the last rewrite. 0: max(4 x buffer_capacity, dedup_window); -1: never (the journal then
+    keeps the whole history, which an exactly-once audit reads)."""
     dedup_window: int = 100_000
     """Consumed or dropped rollout ids remembered for de-duplication, across restarts too (oldest
     forgotten first). Resends arrive within seconds; this covers far more than that."""
