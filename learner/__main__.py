@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import uuid
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch.distributed as dist
 
 from tether.common.config import load_config_or_exit, save_resolved
 from tether.common.logging import configure_logging, get_logger
-from tether.common.process import die_with_parent
+from tether.common.process import die_with_parent, exit_now
 from tether.learner.publish import StaticRendezvous
 from tether.learner.source import BrokerBatchSource, FileBatchSource
 from tether.learner.trainer import Learner
@@ -118,4 +117,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Checkpoints are written synchronously, sinks closed and the process group destroyed by now: skip
+    # the interpreter's teardown of torch's object graph, time torchrun and the launcher wait for.
+    exit_now(main())
