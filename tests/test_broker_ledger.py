@@ -319,6 +319,7 @@ def test_a_background_compaction_keeps_what_was_appended_while_it_ran(tmp_path, 
     ledger.store([make_rollout("c0", "gc0")])  # appends go on to the new file
     books = _books(ledger)
     ledger.journal.close()
+    assert not (tmp_path / "j.bin.old").exists()  # the replaced file, unlinked by a thread
     rollouts = [value.rollout_id for kind, value in Journal(path).replay() if kind in (PUT, journal_module.RESTORE)]
     assert sorted(rollouts) == sorted(f"a{i}" for i in range(8, 12)) + [f"b{i}" for i in range(6)] + ["c0"]
     again = _ledger_on(path)
@@ -388,3 +389,36 @@ def test_compaction_runs_in_the_background_during_a_run_and_at_start_in_place(tm
     assert not h.state.ledger.journal.rewriting and h.state.ledger.journal.finished_since_compaction == 0
     status = h.state.status()
     assert (status.stored_total, status.consumed_total, status.buffer_depth) == (20, 20, 0) and balanced(h.state)
+
+
+def test_files_left_by_a_broker_killed_mid_compaction_are_removed_at_start(tmp_path):
+    path = tmp_path / "j.bin"
+    ledger = _ledger_on(path)
+    ledger.store([make_rollout("a0", "ga0")])
+    ledger.journal.close()
+    (tmp_path / "j.bin.tmp").write_bytes(b"half a snapshot")
+    os.link(path, tmp_path / "j.bin.old")  # killed between the rename and the old file's removal
+    again = _ledger_on(path)
+    assert not (tmp_path / "j.bin.tmp").exists() and not (tmp_path / "j.bin.old").exists()
+    again.replay()
+    assert again.known("a0") and again.depth == 1
+
+
+def test_a_compaction_swaps_in_on_a_file_system_without_hard_links(tmp_path, monkeypatch):
+    def no_links(src, dst):
+        raise OSError(95, "Operation not supported")
+
+    monkeypatch.setattr(journal_module.os, "link", no_links)
+    path = tmp_path / "j.bin"
+    ledger = _ledger_on(path)
+    ledger.store([make_rollout(f"a{i}", f"ga{i}") for i in range(4)])
+    ledger.lease("s1", 0, 1, 0, 2)
+    ledger.commit("s1", 1)
+    ledger.compact(background=True)
+    assert ledger.journal.poll_rewrite(wait=True)
+    books = _books(ledger)
+    ledger.journal.close()
+    assert not (tmp_path / "j.bin.old").exists()
+    again = _ledger_on(path)
+    again.replay()
+    assert _books(again) == books and again.known("a0")
