@@ -290,6 +290,15 @@ def _ledger_on(path) -> Ledger:
     return Ledger(64, dedup_window=100, journal=Journal(path, fsync="never"), clock=FakeClock(), compact_every=None)
 
 
+def _ledger_with_consumed(path, stored: int, consumed: int) -> Ledger:
+    """A ledger that stored a0.. a<stored-1> and consumed the first `consumed` (leased at step 0, committed)."""
+    ledger = _ledger_on(path)
+    ledger.store([make_rollout(f"a{i}", f"ga{i}") for i in range(stored)])
+    ledger.lease("s1", 0, 1, 0, consumed)
+    ledger.commit("s1", 1)
+    return ledger
+
+
 def _books(ledger: Ledger) -> tuple:
     return (ledger.depth, ledger.leased, ledger.counters(), sorted(ledger.leases),
             sorted(r.rollout_id for r in ledger.buffer.rollouts()))
@@ -303,10 +312,7 @@ def test_a_background_compaction_keeps_what_was_appended_while_it_ran(tmp_path, 
     monkeypatch.setattr(journal_module, "_TAIL_FOR_LOOP", tail_for_loop)
     gate = _gated_rewrites(monkeypatch)
     path = tmp_path / "j.bin"
-    ledger = _ledger_on(path)
-    ledger.store([make_rollout(f"a{i}", f"ga{i}") for i in range(12)])
-    ledger.lease("s1", 0, 1, 0, 8)
-    ledger.commit("s1", 1)  # 8 consumed: their PUT records are what the compaction drops
+    ledger = _ledger_with_consumed(path, 12, 8)  # the PUT records of the 8 consumed are what compaction drops
     ledger.compact(background=True)
     assert ledger.journal.rewriting and not ledger.journal.poll_rewrite()  # still waiting at the gate
     ledger.store([make_rollout(f"b{i}", f"gb{i}") for i in range(6)])
@@ -330,10 +336,7 @@ def test_a_background_compaction_keeps_what_was_appended_while_it_ran(tmp_path, 
 def test_a_broker_killed_mid_compaction_replays_the_whole_journal(tmp_path, monkeypatch):
     gate = _gated_rewrites(monkeypatch)
     path = tmp_path / "j.bin"
-    ledger = _ledger_on(path)
-    ledger.store([make_rollout(f"a{i}", f"ga{i}") for i in range(6)])
-    ledger.lease("s1", 0, 1, 0, 4)
-    ledger.commit("s1", 1)
+    ledger = _ledger_with_consumed(path, 6, 4)
     ledger.compact(background=True)
     ledger.store([make_rollout("b0", "gb0")])
     books = _books(ledger)
@@ -410,10 +413,7 @@ def test_a_compaction_swaps_in_on_a_file_system_without_hard_links(tmp_path, mon
 
     monkeypatch.setattr(journal_module.os, "link", no_links)
     path = tmp_path / "j.bin"
-    ledger = _ledger_on(path)
-    ledger.store([make_rollout(f"a{i}", f"ga{i}") for i in range(4)])
-    ledger.lease("s1", 0, 1, 0, 2)
-    ledger.commit("s1", 1)
+    ledger = _ledger_with_consumed(path, 4, 2)
     ledger.compact(background=True)
     assert ledger.journal.poll_rewrite(wait=True)
     books = _books(ledger)
