@@ -241,7 +241,8 @@ def _cpu_sets(broker: str, load: str) -> tuple[str, str]:
     if broker == "auto":
         broker = str(mine[-1]) if len(mine) >= 2 else ""
     if load == "auto":
-        load = format_ids([c for c in mine if c not in set(parse_ids(broker))]) if broker else ""
+        taken = set(parse_ids(broker))
+        load = format_ids([c for c in mine if c not in taken]) if broker else ""
     broker, load = ("" if broker == "none" else broker), ("" if load == "none" else load)
     shared = set(parse_ids(broker)) & set(parse_ids(load))
     if shared:

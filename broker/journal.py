@@ -120,9 +120,11 @@ class _Rewrite:
     loop's last completed write."""
 
     def __init__(self, tmp: Path, records: Iterable[bytes], source: Path, start: int,
-                 written: Callable[[], int]) -> None:
+                 written: Callable[[], int], finished: int) -> None:
         self.tmp, self.source = tmp, source
         self.copied_to = start
+        self.finished_at_snapshot = finished
+        """The journal's finished_since_compaction when the snapshot was taken."""
         self.error: BaseException | None = None
         self.cancelled = False
         self._records, self._written = records, written
@@ -181,7 +183,6 @@ class Journal:
         self._remover: threading.Thread | None = None  # unlinks the file a compaction replaced
         for leftover in (self._tmp_path(), self._old_path()):  # of a broker killed mid-compaction
             leftover.unlink(missing_ok=True)
-        self._finished_at_snapshot = 0
         self.finished_since_compaction = 0
         """Rollouts consumed or dropped since the file was last rewritten (drives compaction)."""
 
@@ -340,20 +341,19 @@ class Journal:
         if self._rewrite is not None:
             return False
         self._open()  # the file exists and _size is its length: the snapshot's end
-        self._finished_at_snapshot = self.finished_since_compaction
-        self._rewrite = _Rewrite(self._tmp_path(), records, self.path, self._size, lambda: self._size)
+        self._rewrite = _Rewrite(self._tmp_path(), records, self.path, self._size, lambda: self._size,
+                                 self.finished_since_compaction)
         self._rewrite.thread.start()
         return True
 
     def poll_rewrite(self, *, wait: bool = False) -> bool:
         """Swap in a finished background compaction (waiting for it with `wait`): copy the live
-        file's last bytes after it, fsync, rename over the live file. Returns whether it swapped."""
+        file's last bytes after it and rename it over the live file. Returns whether it swapped."""
         rewrite = self._rewrite
         if rewrite is None:
             return False
         if wait:
             rewrite.thread.join()
-            self._wait_for_background_sync()
         elif rewrite.thread.is_alive() or (self._syncer is not None and self._syncer.is_alive()):
             return False  # the live file's fsync uses its descriptor: swap between two fsyncs, not during one
         self._rewrite = None
@@ -375,7 +375,7 @@ class Journal:
         # are as durable as they were in the old file, and the next fsync of the policy covers them
         # (an fsync here stalled the loop 0.3-0.4 s: it flushes whatever else the disk holds).
         self._dirty = self._fsync != "always"
-        self.finished_since_compaction -= self._finished_at_snapshot
+        self.finished_since_compaction -= rewrite.finished_at_snapshot
         return True
 
     def _replace_keeping_old(self, new: Path) -> None:
@@ -422,7 +422,7 @@ class Journal:
             f.flush()
             os.fsync(f.fileno())
         self.close()
-        os.replace(tmp, self.path)
+        self._replace_keeping_old(tmp)
         self.finished_since_compaction = 0
         self._dirty = False
 
