@@ -63,7 +63,7 @@ from tether.common.config.placement import parse_ids
 from tether.common.logging import configure_logging
 from tether.common.messages import SubmitRollouts
 from tether.common.net import free_port
-from tether.launch.placement import format_ids
+from tether.launch.placement import available_cpus_here, format_ids
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VOCAB_SIZE = 32000
@@ -237,14 +237,18 @@ def run_config(args, *, journal: bool, rate: float, mode: str) -> dict:
 
 def _cpu_sets(broker: str, load: str) -> tuple[str, str]:
     """The broker's and the load's CPU lists ("" = unpinned) from the --broker-cpus/--load-cpus forms."""
-    mine = sorted(os.sched_getaffinity(0))
+    mine = sorted(available_cpus_here())
     if broker == "auto":
         broker = str(mine[-1]) if len(mine) >= 2 else ""
-    if load == "auto":
+    broker = "" if broker == "none" else broker
+    try:
         taken = set(parse_ids(broker))
-        load = format_ids([c for c in mine if c not in taken]) if broker else ""
-    broker, load = ("" if broker == "none" else broker), ("" if load == "none" else load)
-    shared = set(parse_ids(broker)) & set(parse_ids(load))
+        if load == "auto":
+            load = format_ids([c for c in mine if c not in taken]) if taken else ""
+        load = "" if load == "none" else load
+        shared = taken & set(parse_ids(load))
+    except ValueError as exc:
+        raise SystemExit(f"--broker-cpus/--load-cpus: {exc}") from None
     if shared:
         raise SystemExit(f"--broker-cpus and --load-cpus share CPUs {sorted(shared)}")
     return broker, load

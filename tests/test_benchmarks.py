@@ -90,6 +90,9 @@ def test_broker_benchmark_cpu_sets():
     else:
         assert (broker, load) == ("", "")
     assert bench_broker._cpu_sets("none", "none") == ("", "")
+    assert bench_broker._cpu_sets("none", "auto") == ("", "")  # unpinned broker: the load is not pinned either
+    with pytest.raises(SystemExit, match="'x' is not an id"):
+        bench_broker._cpu_sets("x", "auto")
     assert bench_broker._cpu_sets("3", "0-2") == ("3", "0-2")
     with pytest.raises(SystemExit, match="share CPUs"):
         bench_broker._cpu_sets("1", "0-1")
