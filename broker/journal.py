@@ -385,17 +385,17 @@ class Journal:
         hundred megabytes here: a second link keeps them until the thread removes it. The live
         path exists throughout; a crash leaves at most the `.old` link, removed at the next start."""
         self._join_remover()
-        old = self._old_path()
+        old: Path | None = self._old_path()
         try:
             old.unlink(missing_ok=True)
             os.link(self.path, old)
-        except OSError:  # a file system without hard links: free them here
-            os.replace(new, self.path)
-            return
+        except OSError:  # no live file yet (a first start), or a file system without hard links
+            old = None
         os.replace(new, self.path)
-        self._remover = threading.Thread(target=old.unlink, kwargs={"missing_ok": True}, name="journal-remove-old",
-                                         daemon=True)
-        self._remover.start()
+        if old is not None:
+            self._remover = threading.Thread(target=old.unlink, kwargs={"missing_ok": True},
+                                             name="journal-remove-old", daemon=True)
+            self._remover.start()
 
     def _old_path(self) -> Path:
         return self.path.with_suffix(self.path.suffix + ".old")
