@@ -5,10 +5,11 @@
 It binds the broker's own server transport (tether.common.transport.ZmqServerTransport, the same
 socket options) and answers what bench_broker's load processes send, doing nothing else: a Hello
 or a StatusRequest gets a Welcome, a SubmitRollouts an Ack of `--group-size` ids carrying the
-message's msg_id (the envelope is decoded, the body is not), anything else no answer (the load's
-learner then leases nothing). Rollouts/s against it, with the broker pinned to the same CPUs, is
-what receiving the bytes and answering costs before the broker does any work: the broker's row
-divided by this one is the share of the transport's ceiling the broker reaches.
+message's msg_id (the envelope is decoded and checked as the broker does first, the body is not),
+anything else no answer (the load's learner then leases nothing). Rollouts/s against it, with the
+broker pinned to the same CPUs, is what receiving the bytes and answering costs before the broker
+does any work: the broker's row divided by this one is the share of the transport's ceiling the
+broker reaches.
 """
 
 from __future__ import annotations
@@ -17,19 +18,9 @@ import argparse
 import signal
 import threading
 
-import msgspec
-
 from tether.common import wire
 from tether.common.messages import Ack, Welcome
 from tether.common.transport import ZmqServerTransport
-
-
-class _Envelope(msgspec.Struct):
-    kind: str
-    msg_id: str
-
-
-_envelope = msgspec.msgpack.Decoder(_Envelope)
 
 
 def serve(port: int, group_size: int, stop: threading.Event) -> int:
@@ -42,7 +33,7 @@ def serve(port: int, group_size: int, stop: threading.Event) -> int:
         while not stop.is_set():
             got = transport.recv(0.2)
             while got is not None:
-                envelope = _envelope.decode(got.data)
+                envelope = wire.decode_envelope(got.data)  # as the broker does first
                 if envelope.kind == "submit_rollouts":
                     transport.send(got.peer, wire.encode(Ack(acked=ids), sender="broker", msg_id=envelope.msg_id))
                     answered += 1
