@@ -349,10 +349,13 @@ def main(argv: list[str] | None = None) -> int:
             inproc.append(broker_inproc.run(rollouts=args.inproc_rollouts, actors=args.actors,
                                             group_size=args.group_size, tokens=args.tokens, journal=journal == "on",
                                             vocab_size=VOCAB_SIZE, parked=parked))
-    head = next((r for r in rows if r["journal"] and r["mode"] == "saturate"), rows[0])
+    saturated_on = next((r for r in rows if r["journal"] and r["mode"] == "saturate"), None)
+    head = saturated_on or rows[0]
     echo = next((r for r in rows if r["mode"] == "echo"), None)
-    # The broker's share of what the transport carries on the same CPUs with the same load.
-    of_echo = head["rollouts_per_s"] / echo["rollouts_per_s"] if echo and echo["rollouts_per_s"] else None
+    # The broker's share of what the transport carries on the same CPUs with the same load (only
+    # with both rows: without a journal-on saturated run the head may be the echo itself).
+    of_echo = (saturated_on["rollouts_per_s"] / echo["rollouts_per_s"]
+               if saturated_on and echo and echo["rollouts_per_s"] else None)
     result = {
         # The headline (journal on, saturated) at the top level, where benchmarks/run_all.py reads it.
         "actors": args.actors, "tokens": args.tokens, "rollouts_per_s": head["rollouts_per_s"],

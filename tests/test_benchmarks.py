@@ -82,6 +82,17 @@ def test_broker_benchmark_runs_the_broker_and_the_bare_transport_on_their_own_cp
     assert _row(table, "broker", "broker / bare ZeroMQ echo")[2] == f"{result['of_echo']:.2f}"
 
 
+@pytest.mark.slow
+def test_an_echo_only_broker_benchmark_reports_no_broker_share(tmp_path, monkeypatch):
+    """Without a broker row to compare, the echo is the headline row but not a share of itself."""
+    monkeypatch.setattr(bench_broker, "RESULTS", tmp_path)
+    assert bench_broker.main(["--actors", "2", "--procs", "1", "--seconds", "0.5", "--warmup", "0.2", "--tokens", "16",
+                              "--modes", "echo", "--inproc-rollouts", "0", "--broker-cpus", "none"]) == 0
+    result = json.loads(next(tmp_path.glob("bench_broker-*.json")).read_text())
+    assert [r["mode"] for r in result["rows"]] == ["echo"] and result["rollouts_per_s"] > 0
+    assert result["of_echo"] is None and (result["broker_cpus"], result["load_cpus"]) == ("", "")
+
+
 def test_broker_benchmark_cpu_sets():
     cpus = sorted(os.sched_getaffinity(0))
     broker, load = bench_broker._cpu_sets("auto", "auto")
